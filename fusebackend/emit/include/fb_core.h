@@ -1,0 +1,130 @@
+// fusebackend component library: core types and conversions.
+// Every function is __host__ __device__-clean so the same components build with NVRTC (CUDA) and g++ (CPU).
+#pragma once
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define FB_CUDA 1
+#define FB_HD __host__ __device__ __forceinline__
+#else
+#define FB_CUDA 0
+#define FB_HD inline __attribute__((always_inline))
+#endif
+
+#if defined(__CUDACC_RTC__)
+// NVRTC has no system headers: the few fixed-width types we need.
+typedef signed char int8_t;
+typedef short int16_t;
+typedef int int32_t;
+typedef long long int64_t;
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef unsigned long long uint64_t;
+#else
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#endif
+
+namespace fb {
+
+FB_HD float bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f; memcpy(&f, &u, 4); return f;
+#endif
+}
+FB_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u; memcpy(&u, &f, 4); return u;
+#endif
+}
+FB_HD float inf_f() { return bits_to_float(0x7f800000u); }
+FB_HD float nan_f() { return bits_to_float(0x7fc00000u); }
+
+// bfloat16 storage: the upper 16 bits of a float; stores round to nearest even, NaN kept quiet.
+struct bf16 { uint16_t x; };
+FB_HD float to_float(bf16 v) { return bits_to_float(((uint32_t)v.x) << 16); }
+FB_HD bf16 to_bf16(float f) {
+  uint32_t u = float_to_bits(f);
+  bf16 r;
+  if ((u & 0x7fffffffu) > 0x7f800000u) { r.x = (uint16_t)((u >> 16) | 0x40u); return r; }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  r.x = (uint16_t)(u >> 16);
+  return r;
+}
+
+// float16 storage: hardware conversions on the GPU and with g++; bit arithmetic for nvcc's host pass.
+struct half { uint16_t x; };
+FB_HD float half_bits_to_float(uint16_t h) {
+  uint32_t sign = ((uint32_t)h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu;
+  if (exp == 0x1f) return bits_to_float(sign | 0x7f800000u | (man << 13));
+  if (exp == 0) {  // zero or subnormal: value = man * 2^-24
+    float v = (float)man * 5.9604644775390625e-08f;
+    return sign ? -v : v;
+  }
+  return bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));
+}
+FB_HD uint16_t float_to_half_bits(float f) {
+  uint32_t u = float_to_bits(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);
+  if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);      // rounds to infinity
+  if (a < 0x38800000u) {                                          // subnormal half (or zero)
+    float v = bits_to_float(a) * 16777216.0f;                     // scale by 2^24, round to integer
+    uint32_t m = (uint32_t)v; float rem = v - (float)m;
+    if (rem > 0.5f || (rem == 0.5f && (m & 1u))) m++;
+    return (uint16_t)(sign | m);
+  }
+  uint32_t r = a + 0xfffu + ((a >> 13) & 1u) - (112u << 23);
+  return (uint16_t)(sign | (r >> 13));
+}
+FB_HD float to_float(half v) {
+#if defined(__CUDA_ARCH__)
+  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.x)); return f;
+#elif FB_CUDA
+  return half_bits_to_float(v.x);
+#else
+  _Float16 h; memcpy(&h, &v.x, 2); return (float)h;
+#endif
+}
+FB_HD half to_half(float f) {
+  half r;
+#if defined(__CUDA_ARCH__)
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.x) : "f"(f));
+#elif FB_CUDA
+  r.x = float_to_half_bits(f);
+#else
+  _Float16 h = (_Float16)f; memcpy(&r.x, &h, 2);
+#endif
+  return r;
+}
+
+// Loads convert storage -> compute type; stores convert compute -> storage type.
+template <class C, class S> FB_HD C ld(S v) { return (C)v; }
+template <> FB_HD float ld<float, bf16>(bf16 v) { return to_float(v); }
+template <> FB_HD float ld<float, half>(half v) { return to_float(v); }
+template <> FB_HD double ld<double, bf16>(bf16 v) { return (double)to_float(v); }
+template <> FB_HD double ld<double, half>(half v) { return (double)to_float(v); }
+template <> FB_HD int64_t ld<int64_t, bf16>(bf16 v) { return (int64_t)to_float(v); }
+template <> FB_HD int64_t ld<int64_t, half>(half v) { return (int64_t)to_float(v); }
+template <> FB_HD bool ld<bool, bf16>(bf16 v) { return to_float(v) != 0.0f; }
+template <> FB_HD bool ld<bool, half>(half v) { return to_float(v) != 0.0f; }
+
+template <class S, class C> FB_HD S st(C v) { return (S)v; }
+template <> FB_HD bf16 st<bf16, float>(float v) { return to_bf16(v); }
+template <> FB_HD half st<half, float>(float v) { return to_half(v); }
+template <> FB_HD bf16 st<bf16, double>(double v) { return to_bf16((float)v); }
+template <> FB_HD half st<half, double>(double v) { return to_half((float)v); }
+template <> FB_HD bf16 st<bf16, int64_t>(int64_t v) { return to_bf16((float)v); }
+template <> FB_HD half st<half, int64_t>(int64_t v) { return to_half((float)v); }
+template <> FB_HD bf16 st<bf16, bool>(bool v) { return to_bf16(v ? 1.0f : 0.0f); }
+template <> FB_HD half st<half, bool>(bool v) { return to_half(v ? 1.0f : 0.0f); }
+
+// Rounding a float value to a narrower float type (an explicit cast inside a fused chain).
+FB_HD float round_bf16(float v) { return to_float(to_bf16(v)); }
+FB_HD float round_half(float v) { return to_float(to_half(v)); }
+
+}  // namespace fb

@@ -1,0 +1,120 @@
+// fusebackend component library: float math that auto-vectorizes on CPU (no libm calls inside loops);
+// on CUDA the device's own accurate functions. Double precision uses the C library / device functions.
+#pragma once
+#include "fb_core.h"
+
+namespace fb {
+
+#if FB_CUDA
+FB_HD float exp_(float x) { return expf(x); }
+FB_HD float expm1_(float x) { return expm1f(x); }
+FB_HD float log_(float x) { return logf(x); }
+FB_HD float tanh_(float x) { return tanhf(x); }
+FB_HD float erf_(float x) { return erff(x); }
+FB_HD float sqrt_(float x) { return sqrtf(x); }
+FB_HD float rsqrt_(float x) { return rsqrtf(x); }
+FB_HD float floor_(float x) { return floorf(x); }
+FB_HD float rint_(float x) { return rintf(x); }
+#else
+FB_HD float floor_(float x) { return __builtin_floorf(x); }
+FB_HD float rint_(float x) { return __builtin_rintf(x); }
+FB_HD float sqrt_(float x) { return __builtin_sqrtf(x); }
+FB_HD float rsqrt_(float x) { return 1.0f / __builtin_sqrtf(x); }
+
+// exp: n = round(x / ln2); e^x = 2^n * e^r with |r| <= ln2/2, e^r by its Taylor series to degree 7.
+FB_HD float exp_(float x) {
+  float xc = x > 88.7228393f ? 88.7228393f : (x < -103.972084f ? -103.972084f : x);
+  float n = rint_(xc * 1.44269504088896341f);
+  float r = xc - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f; p = p * r + 1.0f / 120.0f; p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f; p = p * r + 0.5f; p = p * r + 1.0f; p = p * r + 1.0f;
+  // 2^n as two factors (keeps denormal results exact); exponent bits from 32-bit integer ops only,
+  // so the loop vectorizes at one lane width.
+  uint32_t nb = float_to_bits(n + 12582912.0f) - 0x4B400000u;
+  uint32_t n1 = (uint32_t)((int32_t)nb >> 1), n2 = nb - n1;
+  float s1 = bits_to_float((n1 + 127u) << 23);
+  float s2 = bits_to_float((n2 + 127u) << 23);
+  float y = p * s1 * s2;
+  y = x > 88.7228393f ? inf_f() : y;
+  y = x < -103.972084f ? 0.0f : y;
+  return x != x ? x : y;
+}
+
+FB_HD float expm1_(float x) {
+  // Taylor series near 0, where exp(x) - 1 would cancel.
+  float p = 1.0f / 362880.0f;
+  p = p * x + 1.0f / 40320.0f; p = p * x + 1.0f / 5040.0f; p = p * x + 1.0f / 720.0f;
+  p = p * x + 1.0f / 120.0f; p = p * x + 1.0f / 24.0f; p = p * x + 1.0f / 6.0f; p = p * x + 0.5f;
+  float small = x + x * x * p;
+  float big = exp_(x) - 1.0f;
+  return (x > -0.34657359f && x < 0.34657359f) ? small : big;
+}
+
+// log: x = m * 2^e with m in [sqrt(1/2), sqrt(2)); log(m) = 2 atanh(s), s = (m-1)/(m+1), odd series.
+FB_HD float log_(float x) {
+  bool tiny = x < 1.17549435e-38f;
+  float xs = tiny ? x * 8388608.0f : x;  // lift denormals
+  uint32_t u = float_to_bits(xs);
+  uint32_t eb = ((u >> 23) & 0xffu) - (tiny ? 150u : 127u);
+  float m = bits_to_float((u & 0x007fffffu) | 0x3f800000u);
+  bool hi = m > 1.41421356f;
+  m = hi ? m * 0.5f : m;
+  eb = hi ? eb + 1u : eb;
+  float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
+  float p = 2.0f / 11.0f;
+  p = p * s2 + 2.0f / 9.0f; p = p * s2 + 2.0f / 7.0f; p = p * s2 + 2.0f / 5.0f; p = p * s2 + 2.0f / 3.0f;
+  float lm = 2.0f * s + s * s2 * p;
+  float fe = (float)(int32_t)eb;
+  float y = fe * 0.693145751953125f + (lm + fe * 1.428606765330187e-06f);
+  y = x == 0.0f ? -inf_f() : y;
+  y = x < 0.0f ? nan_f() : y;
+  y = x == inf_f() ? x : y;
+  return x != x ? x : y;
+}
+
+FB_HD float tanh_(float x) {
+  uint32_t sign = float_to_bits(x) & 0x80000000u;
+  float ax = bits_to_float(float_to_bits(x) & 0x7fffffffu);
+  float t = expm1_(2.0f * ax);  // inf for large ax is replaced below (no clamp: it would narrow int lanes)
+  float y = t / (t + 2.0f);
+  y = ax > 9.0f ? 1.0f : y;
+  y = bits_to_float(float_to_bits(y) | sign);
+  return x != x ? x : y;
+}
+
+// erf: |x| < 1: x * P(x^2); 1 <= |x| < 4: 1 - exp(-x^2) * Q(1/(1+|x|)); beyond: +-1. Fitted polynomials.
+FB_HD float erf_(float x) {
+  uint32_t sign = float_to_bits(x) & 0x80000000u;
+  float ax = bits_to_float(float_to_bits(x) & 0x7fffffffu);
+  float x2 = x * x;
+  float p = 7.9332549537467647e-05f;
+  p = p * x2 - 0.00080347784975812902f; p = p * x2 + 0.0051912110469394613f;
+  p = p * x2 - 0.026855395768201441f; p = p * x2 + 0.11283625638555582f;
+  p = p * x2 - 0.37612629869499503f; p = p * x2 + 1.1283791665912066f;
+  float small = x * p;
+  float t = 1.0f / (1.0f + ax);
+  float q = 0.98100923924615213f;
+  q = q * t - 3.3506224383880134f; q = q * t + 4.6242499122709582f; q = q * t - 2.8797580296486656f;
+  q = q * t + 0.3185997948030504f; q = q * t + 0.17646548414119628f; q = q * t + 0.57576838354314208f;
+  q = q * t + 0.56346941935162098f; q = q * t + 1.9301868427346467e-05f;
+  float big = 1.0f - exp_(-(ax < 4.0f ? x2 : 16.0f)) * q;
+  big = ax >= 4.0f ? 1.0f : big;
+  big = bits_to_float(float_to_bits(big) | sign);
+  return ax < 1.0f ? small : big;
+}
+#endif
+
+// Double precision: the library functions (not the hot path).
+FB_HD double exp_(double x) { return exp(x); }
+FB_HD double expm1_(double x) { return expm1(x); }
+FB_HD double log_(double x) { return log(x); }
+FB_HD double tanh_(double x) { return tanh(x); }
+FB_HD double erf_(double x) { return erf(x); }
+FB_HD double sqrt_(double x) { return sqrt(x); }
+FB_HD double rsqrt_(double x) { return 1.0 / sqrt(x); }
+FB_HD double floor_(double x) { return floor(x); }
+FB_HD double rint_(double x) { return rint(x); }
+
+}  // namespace fb

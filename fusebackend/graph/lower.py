@@ -1,0 +1,96 @@
+"""Lowering: an FX graph of ATen ops (from AOT autograd) -> FusionGraph."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from . import registry
+from .fusion_graph import FusionGraph, OpNode, Ref, TensorMeta
+
+
+def _meta_of(val):
+    if isinstance(val, torch.Tensor):
+        return TensorMeta.of(val), None
+    if isinstance(val, (tuple, list)) and val and all(isinstance(v, torch.Tensor) or v is None for v in val):
+        return None, tuple(TensorMeta.of(v) if v is not None else None for v in val)
+    return None, None
+
+
+def _refs(value, alias):
+    """Replace fx.Nodes inside args by Refs (getitem nodes become Ref(parent, item))."""
+    if isinstance(value, fx.Node):
+        return alias.get(value.name, Ref(value.name))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_refs(v, alias) for v in value)
+    if isinstance(value, dict):
+        return {k: _refs(v, alias) for k, v in value.items()}
+    return value
+
+
+def _deps(value, out):
+    if isinstance(value, Ref):
+        out.append(value.name)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _deps(v, out)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _deps(v, out)
+    return out
+
+
+def _cost(kind, meta, target, args, fg):
+    if meta is None:
+        return 0, 0
+    numel = meta.numel if meta.is_static else 0
+    itemsize = meta.dtype.itemsize
+    name = getattr(target, "__name__", "")
+    if name.startswith(("mm.", "addmm.", "bmm.")) and meta.is_static:
+        a = fg.node(args[1].name if name.startswith("addmm") else args[0].name).meta
+        k = a.shape[-1] if a and a.is_static else 0
+        return 2 * numel * k, numel * itemsize
+    return numel * (1 if kind != "opaque" else 0), numel * itemsize
+
+
+def lower(gm: fx.GraphModule) -> FusionGraph:
+    fg = FusionGraph()
+    alias: dict[str, Ref] = {}
+    for n in gm.graph.nodes:
+        val = n.meta.get("val")
+        if n.op == "placeholder":
+            meta, _ = _meta_of(val)
+            kind = "placeholder" if meta is not None else "symbol"
+            node = fg.add(OpNode(n.name, kind, meta=meta, device=meta.device if meta else "cpu"))
+            if kind == "symbol" and isinstance(val, torch.SymInt):
+                fg.symbols[str(val)] = len(fg.inputs)
+            fg.inputs.append(n.name)
+        elif n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
+            alias[n.name] = Ref(n.args[0].name, n.args[1])
+        elif n.op == "call_function":
+            args = _refs(n.args, alias)
+            kwargs = _refs(dict(n.kwargs), alias)
+            meta, multi = _meta_of(val)
+            kind = registry.classify(n.target, args, kwargs) if meta is not None else "opaque"
+            deps = sorted(set(_deps(args, []) + _deps(kwargs, [])))
+            device = meta.device if meta else _first_device(fg, deps)
+            node = OpNode(n.name, kind, n.target, args, kwargs, meta, multi, device=device)
+            node.flops, node.bytes = _cost(kind, meta, n.target, args, fg)
+            fg.add(node, deps)
+        elif n.op == "output":
+            outs = n.args[0]
+            fg.outputs = list(_refs(tuple(outs) if isinstance(outs, (list, tuple)) else (outs,), alias))
+        else:
+            raise NotImplementedError("FX node kind %r (%s) is not supported" % (n.op, n.format_node()))
+    return fg
+
+
+def _first_device(fg, deps):
+    for d in deps:
+        node = fg.node(d)
+        if node.meta is not None:
+            return node.meta.device
+        if node.multi_meta:
+            return next((m.device for m in node.multi_meta if m is not None), "cpu")
+    return "cpu"

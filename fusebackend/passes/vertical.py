@@ -1,0 +1,161 @@
+"""Vertical fusion: producer -> consumer chains of pointwise ops, reductions with their prologue and epilogue,
+and multi-reduction row patterns (softmax, layer norm, RMS norm) as one group over one iteration domain.
+
+A pass: FusionGraph -> list of Groups in a valid execution order. It never compiles anything.
+"""
+from __future__ import annotations
+
+from ..graph import registry
+from ..graph.fusion_graph import FusionGraph, Ref
+from .groups import FUSABLE, Group, finish_io
+from .schedule import order_groups
+from .shapes import fits, is_per_row, outer_shapes, squeeze_ones
+
+MAX_GROUP_NODES = 200
+REMAPPABLE_VIEWS = ("expand", "permute", "transpose", "t", "unsqueeze", "squeeze", "alias", "detach", "view",
+                    "_unsafe_view", "reshape", "slice", "select")
+
+
+def view_is_remappable(fg: FusionGraph, name: str) -> bool:
+    """Views a kernel can express as index arithmetic on its input without knowing sizes at compile time."""
+    node = fg.node(name)
+    op = node.op_name.split(".")[0]
+    if op not in REMAPPABLE_VIEWS or not isinstance(node.args[0], Ref) or node.meta is None:
+        return False
+    src = fg.node(node.args[0].name).meta
+    if src is None or node.args[0].item is not None:
+        return False
+    if op in ("view", "_unsafe_view", "reshape"):
+        return squeeze_ones(src.shape) == squeeze_ones(node.meta.shape)
+    if op in ("slice", "select"):
+        return all(isinstance(a, int) for a in node.args[1:])
+    return True
+
+
+class _Fuser:
+    def __init__(self, fg: FusionGraph):
+        self.fg = fg
+        self.group_of: dict[str, int] = {}
+        self.members: dict[int, list] = {}
+        self.reduction: dict[int, object] = {}
+        self.outputs = fg.output_names()
+
+    def fusable(self, name: str) -> bool:
+        node = self.fg.node(name)
+        if node.kind not in FUSABLE or node.meta is None:
+            return False
+        if node.kind == "view":
+            external = name in self.outputs or any(self.fg.node(u).kind not in FUSABLE for u in self.fg.users(name))
+            return view_is_remappable(self.fg, name) and not external
+        return True
+
+    def reduction_of(self, name: str):
+        node = self.fg.node(name)
+        red = registry.normalize_reduction(node.target, node.args, node.kwargs)
+        src = self.fg.node(red.input.name).meta
+        return registry.finish_reduction(red, src.rank), src.shape
+
+    def domain(self, names):
+        """(domain, reduce_dims) of a candidate member set, or None when it cannot be one kernel."""
+        reds = set()
+        for n in names:
+            if self.fg.node(n).kind == "reduction":
+                red, in_shape = self.reduction_of(n)
+                reds.add((in_shape, red.dims))
+        if len(reds) > 1:
+            return None
+        shapes = [self.fg.node(n).meta.shape for n in names]
+        if reds:
+            dom, rdims = next(iter(reds))
+        else:
+            dom, rdims = max(shapes, key=len), ()
+            for s in shapes:                     # the domain must be one member's shape, all others fit it
+                if fits(dom, s) and len(s) >= len(dom):
+                    dom = s
+        keep, drop = outer_shapes(dom, rdims)
+        for n in names:
+            node = self.fg.node(n)
+            s = node.meta.shape
+            if node.kind == "reduction":
+                continue
+            if not (fits(s, dom) or (rdims and s == drop)):
+                return None
+            needs_write = n in self.outputs or any(u not in names for u in self.fg.users(n))
+            if needs_write and s != dom and not (rdims and s in (keep, drop)):
+                return None
+            if rdims and s == drop and len(drop) != len(dom) and not is_per_row(s, dom, rdims):
+                return None
+        return dom, rdims
+
+    def creates_cycle(self, merged: set) -> bool:
+        """A path leaving the merged set and coming back (through nodes or through other groups)."""
+        top = max(self.fg.node(n).index for n in merged)
+        frontier = [u for n in merged for u in self.fg.users(n) if u not in merged]
+        seen = set()
+        while frontier:
+            x = frontier.pop()
+            if x in seen:
+                continue
+            seen.add(x)
+            mates = self.members.get(self.group_of.get(x), [x])
+            for y in mates:
+                if y in merged:
+                    return True
+                if y not in seen and y != x:
+                    frontier.append(y)
+                if self.fg.node(y).index < top:
+                    frontier.extend(u for u in self.fg.users(y) if u not in seen)
+        return False
+
+    def try_merge(self, a: int, b: int) -> bool:
+        if a == b:
+            return False
+        names = self.members[a] + self.members[b]
+        if len(names) > MAX_GROUP_NODES:
+            return False
+        devices = {self.fg.node(n).device for n in names}
+        if len(devices) != 1 or self.domain(set(names)) is None:
+            return False
+        if self.creates_cycle(set(names)):
+            return False
+        for n in self.members[b]:
+            self.group_of[n] = a
+        self.members[a] = sorted(names, key=lambda n: self.fg.node(n).index)
+        del self.members[b]
+        return True
+
+    def run(self) -> list:
+        fg = self.fg
+        for node in fg.nodes():
+            if node.kind in ("placeholder", "symbol"):
+                continue
+            gid = len(self.members)
+            self.members[gid] = [node.name]
+            self.group_of[node.name] = gid
+            if not self.fusable(node.name):
+                continue
+            for p in fg.producers(node.name):
+                if p in self.group_of and self.fusable(p):
+                    self.try_merge(self.group_of[p], self.group_of[node.name])
+        return self.build()
+
+    def build(self) -> list:
+        groups = []
+        for names in self.members.values():
+            kinds = {self.fg.node(n).kind for n in names}
+            device = self.fg.node(names[0]).device
+            if kinds <= {"view"} or not kinds <= set(FUSABLE):
+                for n in names:                  # lone views run as zero-copy views; opaque ops as ATen
+                    k = self.fg.node(n).kind
+                    groups.append(Group(len(groups), "view" if k == "view" else "opaque", [n], device))
+                continue
+            dom, rdims = self.domain(set(names))
+            kind = "reduction" if "reduction" in kinds else "pointwise"
+            groups.append(Group(len(groups), kind, list(names), device, tuple(dom), tuple(rdims)))
+        finish_io(self.fg, groups)
+        return order_groups(self.fg, groups)
+
+
+def fuse_vertical(fg: FusionGraph) -> list:
+    """Group the graph's nodes into kernels (pointwise / reduction), ATen calls and views, in execution order."""
+    return _Fuser(fg).run()

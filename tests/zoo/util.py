@@ -1,0 +1,116 @@
+"""Helpers shared by the zoo tests: which backend to test, comparisons, one training step."""
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+
+import pytest
+import torch
+
+# Which backend the zoo tests compile with. "fuse" is the point; "aot_eager" or "inductor" are useful to check
+# the tests themselves (or to compare) while the fuse backend is missing or broken.
+BACKEND_ENV = "FUSEBACKEND_ZOO_BACKEND"
+
+F32_RTOL = 1e-5  # ||compiled - eager|| / ||eager|| for float32 (DESIGN.md, correctness rules)
+LOW_PRECISION_FACTOR = 3.0  # bf16/fp16: compiled may be this many times further from float64 than eager is
+LOW_PRECISION_FLOOR = 2.0**-8  # ... and never needs to beat one bf16 rounding step
+
+
+def backend_name() -> str:
+    return os.environ.get(BACKEND_ENV, "fuse")
+
+
+def require_backend(name: str) -> None:
+    """Fail clearly when the named backend is not registered with Dynamo."""
+    if name == "fuse":
+        # Registration happens on import where the package is not pip-installed (no entry point).
+        for module in ("fusebackend", "fusebackend.backend"):
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                pass
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if name not in known:
+        pytest.fail(
+            f"torch.compile backend {name!r} is not registered (known: {', '.join(known)}). "
+            f"Set {BACKEND_ENV}=aot_eager to run the zoo tests against another backend.",
+            pytrace=False,
+        )
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64; 0 when both are zero."""
+    a, e = actual.detach().double(), expected.detach().double()
+    diff = (a - e).norm().item()
+    ref = e.norm().item()
+    if ref == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return diff / ref
+
+
+def assert_rel_close(actual, expected, tol: float, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != eager {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != eager {expected.dtype}"
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def assert_low_precision_close(actual, eager, ref64, what: str) -> None:
+    """bf16/fp16: compiled must be about as close to a float64 reference as eager is."""
+    assert actual.shape == eager.shape and actual.dtype == eager.dtype, (
+        f"{what}: {tuple(actual.shape)} {actual.dtype} != eager {tuple(eager.shape)} {eager.dtype}"
+    )
+    eager_err = rel_err(eager, ref64)
+    compiled_err = rel_err(actual, ref64)
+    bound = max(LOW_PRECISION_FACTOR * eager_err, LOW_PRECISION_FLOOR)
+    assert compiled_err <= bound, (
+        f"{what}: compiled is {compiled_err:.3e} from the float64 reference, eager {eager_err:.3e} "
+        f"(allowed {bound:.3e})"
+    )
+
+
+def float64_reference(model: torch.nn.Module, inputs: tuple) -> torch.Tensor:
+    """The same weights (exactly, as float64 holds any bf16/fp16 value) run in float64 by eager PyTorch."""
+    ref_model = copy.deepcopy(model).double()
+    ref_inputs = tuple(t.double() if t.is_floating_point() else t for t in inputs)
+    with torch.no_grad():
+        return ref_model(*ref_inputs)
+
+
+def train_step(model: torch.nn.Module, inputs: tuple, out_weight: torch.Tensor, run=None) -> dict:
+    """One forward + backward through `run` (default: the model itself, e.g. a torch.compile wrapper of it);
+    returns everything a correct backend must reproduce."""
+    inputs = tuple(t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs)
+    out = (run or model)(*inputs)
+    # A random weighting of the output, so every output element's gradient differs (a plain sum or mean
+    # would hide transposed or broadcast mistakes in the backward).
+    loss = (out.float() * out_weight).sum()
+    loss.backward()
+    return {
+        "out": out.detach(),
+        "loss": loss.detach(),
+        "grads": {n: p.grad for n, p in model.named_parameters()},
+        "input_grads": [t.grad for t in inputs],
+        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+    }
+
+
+def assert_train_step_close(actual: dict, expected: dict, tol: float) -> None:
+    assert_rel_close(actual["out"], expected["out"], tol, "forward output")
+    assert_rel_close(actual["loss"], expected["loss"], tol, "loss")
+    for name, g_eager in expected["grads"].items():
+        g = actual["grads"][name]
+        assert (g is None) == (g_eager is None), f"grad of {name}: compiled {g is not None}, eager {g_eager is not None}"
+        if g is not None:
+            assert_rel_close(g, g_eager, tol, f"grad of {name}")
+    for i, (g, g_eager) in enumerate(zip(actual["input_grads"], expected["input_grads"])):
+        assert (g is None) == (g_eager is None), f"grad of input {i}: compiled {g is not None}, eager {g_eager is not None}"
+        if g is not None:
+            assert_rel_close(g, g_eager, tol, f"grad of input {i}")
+    for name, b_eager in expected["buffers"].items():  # e.g. BatchNorm running statistics
+        b = actual["buffers"][name]
+        if b_eager.is_floating_point():
+            assert_rel_close(b, b_eager, tol, f"buffer {name} after the step")
+        else:
+            assert torch.equal(b, b_eager), f"buffer {name} after the step: {b} != eager {b_eager}"
