@@ -39,6 +39,7 @@ class _Fuser:
         self.members: dict[int, list] = {}
         self.reduction: dict[int, object] = {}
         self.outputs = fg.output_names()
+        self.max_nodes = MAX_GROUP_NODES
 
     def fusable(self, name: str) -> bool:
         node = self.fg.node(name)
@@ -85,6 +86,11 @@ class _Fuser:
                 return None
             if rdims and s == drop and len(drop) != len(dom) and not is_per_row(s, dom, rdims):
                 return None
+            if rdims and len(s) == len(dom) and node.kind != "view":
+                for p in self.fg.producers(n):     # a dropped-dims value broadcast right-aligned is not per row
+                    ps = self.fg.node(p).meta.shape if self.fg.node(p).meta else None
+                    if p in names and ps == drop and len(drop) != len(dom):
+                        return None
         return dom, rdims
 
     def creates_cycle(self, merged: set) -> bool:
@@ -111,7 +117,7 @@ class _Fuser:
         if a == b:
             return False
         names = self.members[a] + self.members[b]
-        if len(names) > MAX_GROUP_NODES:
+        if len(names) > self.max_nodes:
             return False
         devices = {self.fg.node(n).device for n in names}
         if len(devices) != 1 or self.domain(set(names)) is None:
@@ -129,7 +135,7 @@ class _Fuser:
         for node in fg.nodes():
             if node.kind in ("placeholder", "symbol"):
                 continue
-            gid = len(self.members)
+            gid = node.index
             self.members[gid] = [node.name]
             self.group_of[node.name] = gid
             if not self.fusable(node.name):
@@ -156,6 +162,8 @@ class _Fuser:
         return order_groups(self.fg, groups)
 
 
-def fuse_vertical(fg: FusionGraph) -> list:
+def fuse_vertical(fg: FusionGraph, max_nodes: int = MAX_GROUP_NODES) -> list:
     """Group the graph's nodes into kernels (pointwise / reduction), ATen calls and views, in execution order."""
-    return _Fuser(fg).run()
+    fuser = _Fuser(fg)
+    fuser.max_nodes = max_nodes
+    return fuser.run()

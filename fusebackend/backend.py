@@ -1,0 +1,94 @@
+"""Wiring: the Dynamo entry point `fuse`, AOT autograd capture, and graph -> passes -> emit -> runtime."""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch._dynamo.backends.common import aot_autograd
+
+from . import decompositions, report as report_mod
+from .emit import EmitError, emit_kernel
+from .graph import lower
+from .options import FuseOptions
+from .passes import fuse_vertical
+from .runtime import build_program, compile_kernel
+
+
+def fuse(gm: torch.fx.GraphModule, example_inputs, options=None, **kwargs):
+    """torch.compile(model, backend="fuse", options={...})."""
+    if kwargs.get("mode") not in (None, "default"):
+        warnings.warn("fusebackend: mode=%r is ignored; use options={...}" % kwargs["mode"])
+    opts = FuseOptions.from_dict(options)
+    compiler = functools.partial(compile_graph, opts)
+    return aot_autograd(
+        fw_compiler=functools.partial(compiler, "forward"),
+        bw_compiler=functools.partial(compiler, "backward"),
+        inference_compiler=functools.partial(compiler, "inference"),
+        decompositions=decompositions.table(),
+    )(gm, example_inputs)
+
+
+def compile_graph(opts: FuseOptions, kind: str, gm: torch.fx.GraphModule, example_inputs):
+    fg = lower(gm)
+    rep = report_mod.GraphReport(kind=kind, graph=fg)
+    if not all(n.meta is None or n.meta.is_static for n in fg.nodes()):
+        rep.fallbacks.append(("graph", "symbolic shapes: the graph runs as ATen calls"))
+        report_mod.record(rep, opts)
+        warnings.warn("fusebackend: dynamic shapes are not fused yet; this graph runs as ATen calls")
+        return _boxed(gm)
+    groups = fuse_vertical(fg, max_nodes=opts.max_group_nodes)
+    kernels = _build_kernels(fg, groups, opts, rep)
+    program = build_program(fg, groups, kernels, opts)
+    rep.groups, rep.program = groups, program
+    report_mod.record(rep, opts)
+    return program
+
+
+def _build_kernels(fg, groups, opts, rep) -> dict:
+    """Emit and compile every kernel group (compiles run in parallel); failures become fallbacks."""
+    specs = {}
+    for g in groups:
+        if not g.is_kernel:
+            continue
+        try:
+            specs[g.id] = emit_kernel(fg, g)
+        except EmitError as e:
+            _fail(g, "emit: %s" % e, opts, rep)
+    threads = opts.compile_threads or os.cpu_count() or 1
+
+    def build(item):
+        gid, spec = item
+        try:
+            return gid, spec, compile_kernel(spec, opts), None
+        except Exception as e:     # a compiler error or a missing compiler: that group runs as ATen
+            return gid, spec, None, e
+
+    kernels = {}
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(specs) or 1))) as pool:
+        for gid, spec, launch, err in pool.map(build, specs.items()):
+            rep.sources.append(spec.source)
+            if err is not None:
+                _fail(next(g for g in groups if g.id == gid), "compile: %s" % err, opts, rep)
+            else:
+                kernels[gid] = (spec, launch)
+    return kernels
+
+
+def _fail(group, reason, opts, rep):
+    if opts.fallback == "error":
+        raise RuntimeError("fusebackend: group g%d failed: %s" % (group.id, reason))
+    group.fallback_reason = reason
+    rep.fallbacks.append(("g%d" % group.id, reason))
+
+
+def _boxed(gm):
+    def run(args):
+        out = gm(*args)
+        if isinstance(args, list):
+            args.clear()
+        return out
+    run._boxed_call = True
+    return run

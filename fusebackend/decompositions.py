@@ -1,0 +1,76 @@
+"""The decomposition table handed to AOT autograd: core ATen, plus row patterns spelled in fusable ops.
+
+Core ATen keeps softmax, log_softmax, layer norm and var as single ops; we decompose them into
+reductions and pointwise ops so the vertical pass can build one row kernel from each.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch._decomp import core_aten_decompositions, get_decompositions
+
+aten = torch.ops.aten
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _norm_dims(x, dims):
+    if dims is None:
+        return list(range(x.dim()))
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return [d % max(1, x.dim()) for d in dims] if dims else list(range(x.dim()))
+
+
+def _count(x, dims):
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    return n
+
+
+def var_correction(x, dim=None, *, correction=None, keepdim=False):
+    dims = _norm_dims(x, dim)
+    corr = 1 if correction is None else correction
+    mean = aten.mean.dim(x, dims, True)
+    d = aten.sub.Tensor(x, mean)
+    ss = aten.sum.dim_IntList(aten.mul.Tensor(d, d), dims, keepdim)
+    return aten.div.Tensor(ss, max(0, _count(x, dims) - corr))
+
+
+def var_mean_correction(x, dim=None, *, correction=None, keepdim=False):
+    dims = _norm_dims(x, dim)
+    v = var_correction(x, dims, correction=correction, keepdim=keepdim)
+    return v, aten.mean.dim(x, dims, keepdim)
+
+
+def native_layer_norm(x, normalized_shape, weight, bias, eps):
+    dims = list(range(x.dim() - len(normalized_shape), x.dim()))
+    xf = aten._to_copy.default(x, dtype=torch.float32) if x.dtype in HALF else x
+    mean = aten.mean.dim(xf, dims, True)
+    d = aten.sub.Tensor(xf, mean)
+    var = aten.mean.dim(aten.mul.Tensor(d, d), dims, True)
+    rstd = aten.rsqrt.default(aten.add.Tensor(var, eps))
+    out = aten.mul.Tensor(d, rstd)
+    if weight is not None:
+        out = aten.mul.Tensor(out, weight)
+    if bias is not None:
+        out = aten.add.Tensor(out, bias)
+    out = aten._to_copy.default(out, dtype=x.dtype) if x.dtype in HALF else out
+    if x.device.type == "cpu" and x.dtype in HALF:   # ATen's CPU kernel returns stats in the input dtype
+        mean = aten._to_copy.default(mean, dtype=x.dtype)
+        rstd = aten._to_copy.default(rstd, dtype=x.dtype)
+    return out, mean, rstd
+
+
+@functools.lru_cache(None)
+def table() -> dict:
+    d = dict(core_aten_decompositions())
+    d.update(get_decompositions([
+        aten._softmax, aten._log_softmax, aten._softmax_backward_data, aten._log_softmax_backward_data,
+        aten.native_layer_norm_backward, aten.gelu_backward, aten.silu_backward, aten.sigmoid_backward,
+        aten.tanh_backward,
+    ]))
+    d[aten.var.correction] = var_correction
+    d[aten.var_mean.correction] = var_mean_correction
+    d[aten.native_layer_norm.default] = native_layer_norm
+    return d

@@ -1,0 +1,230 @@
+"""Scalar code for one fusion group: each node's value at an index, as flat C statements.
+
+The builder is shared by every target and kernel shape. A value is requested as `value(name, idx)`, where
+`idx` holds one C index expression per dim of that value's shape; pointwise ops project the index onto
+their (broadcast) operands, views remap it, external values are loaded through run-time strides.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..graph import registry
+from ..graph.fusion_graph import FusionGraph, Ref
+from . import ctypes_map as C
+
+COMPARE = {"Eq", "Ne", "Lt", "Le", "Gt", "Ge", "IsNan", "IsInf", "LogicalNot", "LogicalAnd", "LogicalOr",
+           "LogicalXor"}
+HALF = (torch.float16, torch.bfloat16)
+
+
+class EmitError(Exception):
+    """The group cannot be expressed as a kernel; the runtime runs it as ATen calls instead."""
+
+
+def project(idx: tuple, shape: tuple) -> tuple:
+    """Index of a broadcast operand: right-aligned, size-1 dims pinned at 0."""
+    off = len(idx) - len(shape)
+    if off < 0:
+        raise EmitError("operand rank %d exceeds value rank %d" % (len(shape), len(idx)))
+    return tuple("0" if s == 1 else idx[off + d] for d, s in enumerate(shape))
+
+
+class Operand:
+    """One pointer argument: an external input (Ref) or a written output (node name)."""
+
+    def __init__(self, slot: int, key, meta, is_output: bool):
+        self.slot, self.key, self.meta, self.is_output = slot, key, meta, is_output
+        self.unit_dims = set()        # dims assumed to have stride 1 (checked by the runtime once)
+        self.flat = False             # accessed through the linear index: assumed contiguous
+
+    @property
+    def ptr(self) -> str:
+        return "p%d" % self.slot
+
+    def stride(self, d: int) -> str:
+        return "s%d_%d" % (self.slot, d)
+
+
+class ExprBuilder:
+    def __init__(self, fg: FusionGraph, group, flat_index: Optional[str] = None):
+        self.fg, self.group = fg, group
+        self.members = set(group.nodes)
+        self.flat_index = flat_index          # a linear index variable when every access is contiguous
+        self.operands: list[Operand] = []
+        self.by_key: dict = {}
+        for ref in group.inputs:
+            self._operand(ref, self.meta_of(ref), False)
+        for name in group.outputs:
+            self._operand(name, fg.node(name).meta, True)
+        self.lines: list[str] = []
+        self.memo: dict = {}
+        self.counter = 0
+        self.reduction_value: dict[str, str] = {}   # reduction node -> finished accumulator variable
+        self.hook: Optional[Callable] = None        # ((name, item), idx) -> variable or None: caches, rows
+
+    # ---- operands
+    def _operand(self, key, meta, is_output):
+        if meta is None or meta.dtype not in C.SUPPORTED:
+            raise EmitError("value %s has no supported tensor type" % (key,))
+        op = Operand(len(self.operands), key, meta, is_output)
+        self.operands.append(op)
+        self.by_key[key] = op
+        return op
+
+    def meta_of(self, ref):
+        if isinstance(ref, str):
+            return self.fg.node(ref).meta
+        node = self.fg.node(ref.name)
+        return node.meta if ref.item is None else (node.multi_meta or (None,) * (ref.item + 1))[ref.item]
+
+    def offset(self, op: Operand, idx: tuple) -> str:
+        if self.flat_index is not None and op.meta.contiguous:
+            op.flat = True
+            return self.flat_index
+        terms = []
+        for d, e in enumerate(idx):
+            if e == "0" or op.meta.shape[d] == 1:
+                continue
+            if op.meta.stride[d] == 1:
+                op.unit_dims.add(d)
+                terms.append(e)
+            else:
+                terms.append("%s*%s" % (e, op.stride(d)))
+        return " + ".join(terms) if terms else "0"
+
+    # ---- values
+    def fresh(self, prefix="v") -> str:
+        self.counter += 1
+        return "%s%d" % (prefix, self.counter)
+
+    def emit(self, line: str):
+        self.lines.append(line)
+
+    def value(self, ref, idx: tuple) -> str:
+        """C variable holding `ref` (a node name or Ref) at index idx (in the compute type of its dtype)."""
+        key = (ref.name, ref.item) if isinstance(ref, Ref) else (ref, None)
+        name = key[0]
+        memo_key = (key, idx)
+        if memo_key in self.memo:
+            return self.memo[memo_key]
+        if self.hook is not None:
+            hooked = self.hook(key, idx)
+            if hooked is not None:
+                return hooked
+        if name not in self.members:
+            var = self.load(Ref(name, key[1]) if key[1] is not None or isinstance(ref, Ref) else Ref(name), idx)
+        else:
+            var = self.compute(name, idx)
+        self.memo[memo_key] = var
+        return var
+
+    def load(self, ref: Ref, idx: tuple) -> str:
+        op = self.by_key.get(ref) or self.by_key.get(Ref(ref.name))
+        if op is None:
+            raise EmitError("no operand for %s" % (ref,))
+        ct, st = C.compute(op.meta.dtype), C.storage(op.meta.dtype)
+        var = self.fresh()
+        self.emit("%s %s = fb::ld<%s>(%s[%s]);" % (ct, var, ct, op.ptr, self.offset(op, idx)))
+        return var
+
+    def store(self, name: str, idx: tuple, var: str) -> None:
+        op = self.by_key[name]
+        st = C.storage(op.meta.dtype)
+        self.emit("%s[%s] = fb::st<%s>(%s);" % (op.ptr, self.offset(op, idx), st, var))
+
+    def compute(self, name: str, idx: tuple) -> str:
+        node = self.fg.node(name)
+        if node.kind == "reduction":
+            if name not in self.reduction_value:
+                raise EmitError("reduction %s used before it is complete" % name)
+            return self.reduction_value[name]
+        if node.kind == "view":
+            return self.view(node, idx)
+        return self.pointwise(node, idx)
+
+    def pointwise(self, node, idx: tuple) -> str:
+        pw = registry.normalize_pointwise(node.target, node.args, node.kwargs)
+        if pw is None:
+            raise EmitError("%s is not a pointwise op the templates cover" % node.op_name)
+        out_dtype = node.meta.dtype
+        out_ct = C.compute(out_dtype)
+        op_ct = self.operand_type(pw, out_dtype)
+        args = []
+        for i, o in enumerate(pw.operands):
+            want = "bool" if (pw.template == "Where" and i == 0) else op_ct
+            if isinstance(o, Ref):
+                v = self.value(o, project(idx, self.meta_of(o).shape))
+                args.append(v if self.ctype_of(o) == want else "(%s)%s" % (want, v))
+            else:
+                args.append(C.literal(o, want))
+        expr = "fb::%s::exec(%s)" % (pw.template, ", ".join(args))
+        if pw.template == "Identity" and out_dtype in HALF and pw.operands and isinstance(pw.operands[0], Ref):
+            if self.meta_of(pw.operands[0]).dtype != out_dtype:   # an explicit narrowing cast rounds
+                expr = "fb::round_%s(%s)" % ("bf16" if out_dtype == torch.bfloat16 else "half", expr)
+        var = self.fresh()
+        self.emit("%s %s = (%s)(%s);" % (out_ct, var, out_ct, expr))
+        return var
+
+    def ctype_of(self, ref) -> str:
+        return C.compute(self.meta_of(ref).dtype)
+
+    def operand_type(self, pw, out_dtype) -> str:
+        if pw.template not in COMPARE:
+            return C.compute(out_dtype)
+        dts = [self.meta_of(o).dtype for o in pw.operands if isinstance(o, Ref)]
+        dt = dts[0] if dts else torch.float32
+        for d in dts[1:]:
+            dt = torch.promote_types(dt, d)
+        scalars = [o for o in pw.operands if not isinstance(o, Ref)]
+        if any(isinstance(s, float) for s in scalars) and not dt.is_floating_point:
+            dt = torch.float32
+        elif any(isinstance(s, int) and not isinstance(s, bool) for s in scalars) and dt == torch.bool:
+            dt = torch.int64
+        return C.compute(dt)
+
+    def view(self, node, idx: tuple) -> str:
+        src = node.args[0]
+        src_shape = self.meta_of(src).shape
+        op = node.op_name.split(".")[0]
+        args = node.args
+        if op == "permute":
+            perm = [p % len(src_shape) for p in args[1]]
+            new = [None] * len(src_shape)
+            for k, p in enumerate(perm):
+                new[p] = idx[k]
+            return self.value(src, tuple(new))
+        if op in ("transpose", "t"):
+            d0, d1 = (args[1], args[2]) if op == "transpose" else (0, 1)
+            if len(src_shape) < 2 and op == "t":
+                return self.value(src, idx)
+            d0, d1 = d0 % len(src_shape), d1 % len(src_shape)
+            new = list(idx)
+            new[d0], new[d1] = idx[d1], idx[d0]
+            return self.value(src, tuple(new))
+        if op == "expand":
+            return self.value(src, project(idx, src_shape))
+        if op == "slice":
+            dim = args[1] % len(src_shape) if len(args) > 1 else 0
+            start = args[2] if len(args) > 2 and args[2] is not None else 0
+            step = args[4] if len(args) > 4 else 1
+            start = start + src_shape[dim] if start < 0 else min(start, src_shape[dim]) if isinstance(src_shape[dim], int) else start
+            new = list(idx)
+            new[dim] = "(%s + %s*%d)" % (start, idx[dim], step) if (start or step != 1) else idx[dim]
+            return self.value(src, tuple(new))
+        if op == "select":
+            dim, i = args[1] % len(src_shape), args[2]
+            i = i + src_shape[dim] if i < 0 else i
+            new = list(idx[:dim]) + [str(i)] + list(idx[dim:])
+            return self.value(src, tuple(new))
+        # a reshape that only adds or drops size-1 dims (the fusion pass allows no other in a group)
+        kept = [e for e, s in zip(idx, node.meta.shape) if s != 1]
+        new, k = [], 0
+        for s in src_shape:
+            if s == 1:
+                new.append("0")
+            else:
+                new.append(kept[k])
+                k += 1
+        return self.value(src, tuple(new))

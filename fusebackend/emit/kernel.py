@@ -1,0 +1,30 @@
+"""What an emitter hands the runtime: kernel text plus how to call it (no compiling here)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class KernelSource:
+    """One generated kernel.
+
+    Calling convention (both targets): a pointer array (inputs in `inputs` order, then outputs in
+    `outputs` order) and an int64 array `meta`: the domain sizes, then for each operand its strides.
+    `unit_strides` lists (slot, dim) pairs the code assumes are 1; the runtime checks them once.
+    """
+    name: str
+    target: str                 # "cpu" | "cuda"
+    kind: str                   # "pointwise" | "reduction"
+    source: str
+    inputs: list                # Refs, in pointer order
+    outputs: list               # node names, in pointer order (after the inputs)
+    domain: tuple               # iteration sizes (ints, or symbol text for dynamic dims)
+    reduce_dims: tuple = ()
+    operand_ranks: tuple = ()   # rank of each operand (its strides follow the domain sizes in meta)
+    unit_strides: tuple = ()
+    contiguous_slots: tuple = ()   # operands indexed by the linear index (must be contiguous)
+    launch: dict = field(default_factory=dict)   # target-specific launch hints (CUDA block size, ...)
+
+    @property
+    def num_operands(self) -> int:
+        return len(self.inputs) + len(self.outputs)

@@ -1,0 +1,58 @@
+"""fusebackend.explain(fn, *args, **kwargs): compile fn with the fuse backend, run it once, report."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import report as report_mod
+
+
+@dataclass
+class Report:
+    num_kernels: int = 0          # fused kernels launched per call (all graphs)
+    num_aten_calls: int = 0       # opaque ATen calls + ops of groups that fell back
+    num_views: int = 0            # zero-copy views taken at run time
+    num_graphs: int = 0
+    groups: list = field(default_factory=list)     # dicts: graph, id, kind, device, domain, ops
+    fallbacks: list = field(default_factory=list)  # (op or group, reason)
+    sources: list = field(default_factory=list)
+    graph_reports: list = field(default_factory=list)
+
+    def __str__(self):
+        lines = ["fusebackend report: %d graph(s), %d fused kernel(s), %d ATen call(s), %d view(s) per call"
+                 % (self.num_graphs, self.num_kernels, self.num_aten_calls, self.num_views)]
+        for r in self.graph_reports:
+            lines.append("graph (%s): %d ATen nodes -> %d kernels, %d ATen calls"
+                         % (r.kind, len(r.graph), r.num_kernels, r.num_aten_calls))
+            for g in r.groups:
+                flag = "  [fallback: %s]" % g.fallback_reason.splitlines()[0] if g.fallback_reason else ""
+                lines.append("  " + g.describe(r.graph) + flag)
+        if self.fallbacks:
+            lines.append("fallbacks:")
+            lines += ["  %s: %s" % (op, reason.splitlines()[0]) for op, reason in self.fallbacks]
+        return "\n".join(lines)
+
+
+def explain(fn, *args, options=None, **kwargs) -> Report:
+    """Compile `fn` with backend="fuse" (Dynamo state is reset first), call it once on args, report."""
+    from .backend import fuse
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=fuse, options=options) if options else torch.compile(fn, backend=fuse)
+    with report_mod.capture() as reps:
+        compiled(*args, **kwargs)
+    rep = Report(graph_reports=list(reps), num_graphs=len(reps))
+    for r in reps:
+        if r.kind == "backward":
+            continue
+        rep.num_kernels += r.num_kernels
+        rep.num_aten_calls += r.num_aten_calls
+        rep.num_views += r.num_views
+        rep.sources += r.sources
+        rep.fallbacks += r.fallbacks
+        for g in r.groups:
+            rep.groups.append({"graph": r.kind, "id": g.id, "kind": g.kind, "device": g.device,
+                               "domain": tuple(g.domain), "reduce_dims": tuple(g.reduce_dims),
+                               "ops": [r.graph.node(n).op_name for n in g.nodes],
+                               "fallback": g.fallback_reason})
+    return rep

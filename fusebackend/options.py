@@ -1,0 +1,56 @@
+"""Every user-visible knob, in one dataclass, validated with a message that names the option."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+
+class OptionError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class FuseOptions:
+    # Capture the whole compiled program in a CUDA graph and replay it (CUDA only; see README for when).
+    cudagraphs: bool = False
+    # Where compiled kernels are cached (default: $FUSEBACKEND_CACHE_DIR or ~/.cache/fusebackend).
+    cache_dir: Optional[str] = None
+    # 'warn': a group that cannot be compiled runs as ATen with one warning; 'error': raise instead.
+    fallback: str = "warn"
+    # Largest number of ATen nodes fused into one kernel.
+    max_group_nodes: int = 200
+    # Compile kernels on this many threads (0: one per CPU core).
+    compile_threads: int = 0
+    # Write graphs, groups and sources of every compiled graph to this folder (also $FUSEBACKEND_DUMP_DIR).
+    dump_dir: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, options) -> "FuseOptions":
+        if options is None:
+            return cls()
+        if isinstance(options, FuseOptions):
+            return options
+        if not isinstance(options, dict):
+            raise OptionError("fusebackend: options must be a dict, got %s" % type(options).__name__)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key in options:
+            if key not in fields:
+                raise OptionError("fusebackend: unknown option %r; allowed options: %s"
+                                  % (key, ", ".join(sorted(fields))))
+        opts = cls(**options)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        def need(cond, name, what):
+            if not cond:
+                raise OptionError("fusebackend: option %r must be %s, got %r" % (name, what, getattr(self, name)))
+        need(isinstance(self.cudagraphs, bool), "cudagraphs", "True or False")
+        need(self.cache_dir is None or isinstance(self.cache_dir, str), "cache_dir", "a path string or None")
+        need(self.fallback in ("warn", "error"), "fallback", "one of 'warn', 'error'")
+        need(isinstance(self.max_group_nodes, int) and not isinstance(self.max_group_nodes, bool)
+             and self.max_group_nodes >= 1, "max_group_nodes", "an int >= 1")
+        need(isinstance(self.compile_threads, int) and not isinstance(self.compile_threads, bool)
+             and self.compile_threads >= 0, "compile_threads", "an int >= 0")
+        need(self.dump_dir is None or isinstance(self.dump_dir, str), "dump_dir", "a path string or None")

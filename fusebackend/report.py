@@ -1,0 +1,59 @@
+"""What a compile did: groups, kernels, fallbacks and sources, for `explain` and for dumps."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+_local = threading.local()
+
+
+@dataclass
+class GraphReport:
+    kind: str
+    graph: Any
+    groups: list = field(default_factory=list)
+    sources: list = field(default_factory=list)
+    fallbacks: list = field(default_factory=list)
+    program: Any = None
+
+    @property
+    def num_kernels(self) -> int:
+        return sum(1 for g in self.groups if g.is_kernel and not g.fallback_reason)
+
+    @property
+    def num_aten_calls(self) -> int:
+        fused = sum(len(g.nodes) for g in self.groups if g.is_kernel and g.fallback_reason)
+        return fused + sum(1 for g in self.groups if g.kind == "opaque")
+
+    @property
+    def num_views(self) -> int:
+        return sum(1 for g in self.groups if g.kind == "view")
+
+
+def record(rep: GraphReport, opts) -> None:
+    sink = getattr(_local, "sink", None)
+    if sink is not None:
+        sink.append(rep)
+    import os
+    dump_dir = opts.dump_dir or os.environ.get("FUSEBACKEND_DUMP_DIR")
+    if dump_dir:
+        try:
+            from .dump import write_dump
+        except ImportError:
+            return
+        write_dump(rep, dump_dir)
+
+
+class capture:
+    """Context manager collecting the GraphReports of compiles in this thread."""
+
+    def __enter__(self):
+        self.prev = getattr(_local, "sink", None)
+        self.reports = []
+        _local.sink = self.reports
+        return self.reports
+
+    def __exit__(self, *exc):
+        _local.sink = self.prev
+        return False

@@ -1,0 +1,46 @@
+"""Turning kernel sources and groups into a runnable Program."""
+from __future__ import annotations
+
+from . import cpu_compiler
+from .program import FallbackStep, Program
+from .steps import AtenStep, KernelStep, cpu_launcher
+
+
+def compile_kernel(spec, opts):
+    """Compile one KernelSource for its target; returns a launch(tensors, meta) callable."""
+    if spec.target == "cpu":
+        return cpu_launcher(cpu_compiler.build(spec.source, spec.name, opts.cache_dir))
+    if spec.target == "cuda":
+        from . import cuda_compiler
+        return cuda_compiler.launcher(spec, opts)
+    raise ValueError("unknown kernel target %r" % spec.target)
+
+
+def build_program(fg, groups, kernels, opts) -> Program:
+    steps = []
+    for g in groups:
+        nodes = [fg.node(n) for n in g.nodes]
+        if g.id in kernels:
+            spec, launch = kernels[g.id]
+            step = KernelStep(spec, launch, [fg.node(n).meta for n in spec.outputs], g.device)
+            step.group_nodes = nodes
+            steps.append(step)
+        elif g.is_kernel:
+            steps.append(FallbackStep(nodes, g.fallback_reason or "no kernel"))
+        else:
+            steps.extend(AtenStep(n) for n in nodes)
+    program = Program(fg, steps, fg.inputs)
+    if opts.cudagraphs:
+        from .cudagraph import CudaGraphProgram
+        return CudaGraphProgram(program)
+    return program
+
+
+def reset() -> None:
+    """Forget in-memory compiled kernels (the disk cache stays): the next compile is a warm start."""
+    cpu_compiler.clear_memory()
+    try:
+        from . import cuda_compiler
+        cuda_compiler.clear_memory()
+    except ImportError:
+        pass

@@ -1,0 +1,101 @@
+"""Build CPU kernels with the system C++ compiler into shared libraries, cached on disk, loaded by ctypes."""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import torch
+
+from . import cache
+
+INCLUDE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "emit", "include")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared",
+         "-std=c++17", "-w"]
+
+
+class CompilerMissing(RuntimeError):
+    pass
+
+
+class CompileFailed(RuntimeError):
+    pass
+
+
+_loaded: dict = {}
+_lock = threading.Lock()
+_compiler_id: dict = {}
+
+
+def compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if not cxx:
+        raise CompilerMissing("no C++ compiler found: install g++ (e.g. `apt-get install g++`) or set CXX")
+    return cxx
+
+
+def _omp_link_flags() -> list:
+    """Link the OpenMP runtime torch already loaded, so one thread pool serves both."""
+    libs = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*")))
+    return [libs[0], "-Wl,-rpath," + os.path.dirname(libs[0])] if libs else []
+
+
+def _identity(cxx: str) -> str:
+    if cxx not in _compiler_id:
+        try:
+            ver = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            ver = cxx
+        cpu = ""
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next((l for l in f if l.startswith("flags")), "")
+        except OSError:
+            pass
+        headers = "".join(open(p).read() for p in sorted(glob.glob(os.path.join(INCLUDE, "*.h"))))
+        _compiler_id[cxx] = cache.digest(ver, cpu, headers, FLAGS)
+    return _compiler_id[cxx]
+
+
+def build(source: str, name: str, cache_dir: str | None = None):
+    """Compile (or fetch from cache) and return the ctypes function `name`."""
+    cxx = compiler()
+    key = cache.digest(source, _identity(cxx))
+    with _lock:
+        if key in _loaded:
+            return _loaded[key]
+    root = os.path.join(cache.cache_dir(cache_dir), "cpu")
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, "%s_%s.so" % (name, key))
+    with cache.locked(path):
+        if cache.load_verified(path) is None:
+            _compile(cxx, source, path)
+    lib = ctypes.CDLL(path)
+    fn = getattr(lib, name)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    fn.restype = None
+    with _lock:
+        _loaded[key] = fn
+    return fn
+
+
+def _compile(cxx: str, source: str, path: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = os.path.join(tmp, "k.cpp"), os.path.join(tmp, "k.so")
+        with open(src, "w") as f:
+            f.write(source)
+        cmd = [cxx, *FLAGS, "-I", INCLUDE, src, "-o", out, *_omp_link_flags()]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise CompileFailed("C++ compile failed:\n" + res.stderr[-4000:])
+        with open(out, "rb") as f:
+            cache.store(path, f.read())
+
+
+def clear_memory() -> None:
+    with _lock:
+        _loaded.clear()

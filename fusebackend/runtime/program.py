@@ -1,0 +1,43 @@
+"""The compiled-graph callable: a flat list of steps over an environment of named values."""
+from __future__ import annotations
+
+import warnings
+
+from .steps import AtenStep, KernelStep, LayoutMismatch, resolver
+
+
+class Program:
+    """Calls steps in order; AOT autograd calls it boxed (a list of inputs that it may free)."""
+    _boxed_call = True
+
+    def __init__(self, fg, steps, input_names):
+        self.fg = fg
+        self.steps = steps
+        self.input_names = list(input_names)
+        self.outputs = [resolver(o) for o in fg.outputs]
+
+    def __call__(self, args):
+        env = dict(zip(self.input_names, args))
+        if isinstance(args, list):
+            args.clear()
+        for i, step in enumerate(self.steps):
+            try:
+                step(env)
+            except LayoutMismatch as e:    # specialised layout did not hold: run that group as ATen
+                self.steps[i] = FallbackStep(step.group_nodes, "layout: %s" % e)
+                self.steps[i](env)
+        return [o(env) for o in self.outputs]
+
+
+class FallbackStep:
+    """A group whose kernel could not be built or used: its nodes run as ATen calls, in order."""
+    kind = "fallback"
+
+    def __init__(self, nodes, reason):
+        self.steps = [AtenStep(n) for n in nodes]
+        self.reason = reason
+        warnings.warn("fusebackend: a fused group fell back to ATen (%s)" % reason.splitlines()[0], stacklevel=3)
+
+    def __call__(self, env):
+        for s in self.steps:
+            s(env)

@@ -1,0 +1,101 @@
+"""Program steps: a fused-kernel launch, an ATen call (opaque ops, views, fallback groups)."""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from ..graph.fusion_graph import Ref
+
+
+def resolver(value):
+    """A function env -> python value for an arg that may hold Refs (built once, called per step)."""
+    if isinstance(value, Ref):
+        name, item = value.name, value.item
+        if item is None:
+            return lambda env: env[name]
+        return lambda env: env[name][item]
+    if isinstance(value, (list, tuple)):
+        parts = [resolver(v) for v in value]
+        if all(getattr(p, "const", False) for p in parts):
+            return _const(value)
+        kind = type(value)
+        return lambda env: kind(p(env) for p in parts)
+    if isinstance(value, dict):
+        parts = {k: resolver(v) for k, v in value.items()}
+        return lambda env: {k: p(env) for k, p in parts.items()}
+    return _const(value)
+
+
+def _const(v):
+    f = lambda env: v
+    f.const = True
+    return f
+
+
+class AtenStep:
+    """Runs one FusionGraph node as its ATen op."""
+    kind = "aten"
+
+    def __init__(self, node):
+        self.name, self.target = node.name, node.target
+        self.args, self.kwargs = resolver(node.args), resolver(node.kwargs)
+
+    def __call__(self, env):
+        env[self.name] = self.target(*self.args(env), **self.kwargs(env))
+
+
+class LayoutMismatch(RuntimeError):
+    """A run-time tensor does not have the layout the kernel was specialised for."""
+
+
+class KernelStep:
+    """Launches a compiled kernel: allocates its outputs, packs pointers and the size/stride array."""
+    kind = "kernel"
+
+    def __init__(self, spec, launch, out_metas, device):
+        self.spec, self.launch = spec, launch
+        self.ins = [resolver(r) for r in spec.inputs]
+        self.out_names = list(spec.outputs)
+        self.out_alloc = [(tuple(m.shape), tuple(m.stride), m.dtype) for m in out_metas]
+        self.device = torch.device(device)
+        self.meta = None          # built on the first call: shapes are static, strides are guarded
+
+    def __call__(self, env):
+        ins = [r(env) for r in self.ins]
+        outs = [torch.empty_strided(s, st, dtype=dt, device=self.device) for s, st, dt in self.out_alloc]
+        tensors = ins + outs
+        if self.meta is None:
+            self.meta = self.build_meta(tensors)
+        self.launch(tensors, self.meta)
+        for name, t in zip(self.out_names, outs):
+            env[name] = t
+
+    def build_meta(self, tensors):
+        spec = self.spec
+        for slot, d in spec.unit_strides:
+            t = tensors[slot]
+            if t.shape[d] != 1 and t.stride(d) != 1:
+                raise LayoutMismatch("operand %d dim %d has stride %d, kernel assumes 1" % (slot, d, t.stride(d)))
+        for slot in spec.contiguous_slots:
+            if not tensors[slot].is_contiguous():
+                raise LayoutMismatch("operand %d is not contiguous" % slot)
+        values = [int(s) for s in spec.domain]
+        for t in tensors:
+            values.extend(0 if sz == 1 else st for sz, st in zip(t.shape, t.stride()))
+        return values
+
+
+def cpu_launcher(fn):
+    """ctypes call of a C++ kernel: void k(void** ptrs, const int64_t* meta)."""
+    cache = {}
+
+    def launch(tensors, meta):
+        key = id(meta)
+        if key not in cache:
+            cache.clear()
+            cache[key] = ((ctypes.c_int64 * max(1, len(meta)))(*meta), meta)
+        arr = cache[key][0]
+        ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+        fn(ptrs, arr)
+    return launch
