@@ -44,7 +44,16 @@ def compile_graph(opts: FuseOptions, kind: str, gm: torch.fx.GraphModule, exampl
     program = build_program(fg, groups, kernels, opts)
     rep.groups, rep.program = groups, program
     report_mod.record(rep, opts)
-    return program
+    return _boxed_program(program)
+
+
+def _boxed_program(program):
+    """AOT autograd recognises boxed callables by a function attribute."""
+    def run(args):
+        return program(args)
+    run._boxed_call = True
+    run.program = program
+    return run
 
 
 def _build_kernels(fg, groups, opts, rep) -> dict:
