@@ -34,10 +34,10 @@ def fuse(gm: torch.fx.GraphModule, example_inputs, options=None, **kwargs):
 def compile_graph(opts: FuseOptions, kind: str, gm: torch.fx.GraphModule, example_inputs):
     fg = lower(gm)
     rep = report_mod.GraphReport(kind=kind, graph=fg)
-    if not all(n.meta is None or n.meta.is_static for n in fg.nodes()):
-        rep.fallbacks.append(("graph", "symbolic shapes: the graph runs as ATen calls"))
+    if not _sizes_evaluable(fg):
+        rep.fallbacks.append(("graph", "symbolic sizes we cannot evaluate at run time: the graph runs as ATen"))
         report_mod.record(rep, opts)
-        warnings.warn("fusebackend: dynamic shapes are not fused yet; this graph runs as ATen calls")
+        warnings.warn("fusebackend: this graph's symbolic sizes are not supported; it runs as ATen calls")
         return _boxed(gm)
     groups = fuse_vertical(fg, max_nodes=opts.max_group_nodes)
     kernels = _build_kernels(fg, groups, opts, rep)
@@ -54,6 +54,14 @@ def _boxed_program(program):
     run._boxed_call = True
     run.program = program
     return run
+
+
+def _sizes_evaluable(fg) -> bool:
+    """Every symbolic dim is plain arithmetic on symbols the graph receives as inputs."""
+    from .runtime.symbols import SymbolEval
+    sym = SymbolEval(fg.symbols)
+    metas = [n.meta for n in fg.nodes() if n.meta is not None]
+    return all(sym.can_eval(d) for m in metas for d in tuple(m.shape) + tuple(m.stride))
 
 
 def _build_kernels(fg, groups, opts, rep) -> dict:

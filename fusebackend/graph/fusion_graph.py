@@ -85,7 +85,7 @@ class FusionGraph:
         self.g = nx.DiGraph()
         self.inputs: list[str] = []      # placeholder names in call order
         self.outputs: list = []          # Ref, None or python constants, in output order
-        self.symbols: dict = {}          # SymInt name -> placeholder index providing it (dynamic shapes)
+        self.symbols: dict = {}          # symbol text (e.g. 's0') -> SymInt placeholder providing it
 
     def add(self, node: OpNode, deps=()):
         node.index = self.g.number_of_nodes()

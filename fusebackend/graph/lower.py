@@ -64,7 +64,7 @@ def lower(gm: fx.GraphModule) -> FusionGraph:
             kind = "placeholder" if meta is not None else "symbol"
             node = fg.add(OpNode(n.name, kind, meta=meta, device=meta.device if meta else "cpu"))
             if kind == "symbol" and isinstance(val, torch.SymInt):
-                fg.symbols[str(val)] = len(fg.inputs)
+                fg.symbols[str(val)] = n.name
             fg.inputs.append(n.name)
         elif n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
             alias[n.name] = Ref(n.args[0].name, n.args[1])

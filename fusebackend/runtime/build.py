@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from . import cpu_compiler
 from .program import FallbackStep, Program
-from .steps import AtenStep, KernelStep, cpu_launcher
+from .steps import AtenStep, DynamicKernelStep, KernelStep, cpu_launcher
+from .symbols import SymbolEval
 
 
 def compile_kernel(spec, opts):
@@ -18,11 +19,16 @@ def compile_kernel(spec, opts):
 
 def build_program(fg, groups, kernels, opts) -> Program:
     steps = []
+    sym = SymbolEval(fg.symbols)
     for g in groups:
         nodes = [fg.node(n) for n in g.nodes]
         if g.id in kernels:
             spec, launch = kernels[g.id]
-            step = KernelStep(spec, launch, [fg.node(n).meta for n in spec.outputs], g.device)
+            metas = [fg.node(n).meta for n in spec.outputs]
+            if all(m.is_static for m in metas) and all(isinstance(d, int) for d in spec.domain):
+                step = KernelStep(spec, launch, metas, g.device)
+            else:
+                step = DynamicKernelStep(spec, launch, metas, g.device, sym)
             step.group_nodes = nodes
             steps.append(step)
         elif g.is_kernel:

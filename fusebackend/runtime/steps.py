@@ -71,7 +71,7 @@ class KernelStep:
         for name, t in zip(self.out_names, outs):
             env[name] = t
 
-    def build_meta(self, tensors):
+    def build_meta(self, tensors, domain=None):
         spec = self.spec
         for slot, d in spec.unit_strides:
             t = tensors[slot]
@@ -80,10 +80,30 @@ class KernelStep:
         for slot in spec.contiguous_slots:
             if not tensors[slot].is_contiguous():
                 raise LayoutMismatch("operand %d is not contiguous" % slot)
-        values = [int(s) for s in spec.domain]
+        values = [int(s) for s in (spec.domain if domain is None else domain)]
         for t in tensors:
             values.extend(0 if sz == 1 else st for sz, st in zip(t.shape, t.stride()))
         return values
+
+
+class DynamicKernelStep(KernelStep):
+    """A kernel over symbolic sizes: sizes, output shapes and the meta array are evaluated every call."""
+
+    def __init__(self, spec, launch, out_metas, device, symbol_eval):
+        super().__init__(spec, launch, out_metas, device)
+        self.sym = symbol_eval
+
+    def __call__(self, env):
+        values = self.sym.values(env)
+        ins = [r(env) for r in self.ins]
+        outs = []
+        for shape, stride, dt in self.out_alloc:
+            shape = self.sym.dims(shape, values)
+            outs.append(torch.empty_strided(shape, self.sym.dims(stride, values), dtype=dt, device=self.device))
+        meta = self.build_meta(ins + outs, self.sym.dims(self.spec.domain, values))
+        self.launch(ins + outs, meta)
+        for name, t in zip(self.out_names, outs):
+            env[name] = t
 
 
 def cpu_launcher(fn):
