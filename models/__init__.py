@@ -12,7 +12,7 @@ from . import cnn, gpt2, hf, llama, mixtral, mlp, vit
 from .registry import SIZES, ZooEntry
 
 ZOO: dict[str, ZooEntry] = {}
-for _entry in [mlp.ENTRY, *gpt2.ENTRIES, llama.ENTRY, mixtral.ENTRY, vit.ENTRY, cnn.ENTRY, *hf.entries()]:
+for _entry in [mlp.ENTRY, *gpt2.ENTRIES, llama.ENTRY, *mixtral.ENTRIES, vit.ENTRY, cnn.ENTRY, *hf.entries()]:
     ZOO[_entry.name] = _entry
 del _entry
 

@@ -69,7 +69,7 @@ def _instantiate(model_cls, config) -> nn.Module:
 def _build_gpt2(c: HFConfig) -> nn.Module:
     tf = _transformers()
     config = tf.GPT2Config(
-        vocab_size=c.vocab, n_positions=c.seq, n_embd=c.dim, n_layer=c.layers, n_head=c.heads,
+        vocab_size=c.vocab, n_positions=c.seq, n_embd=c.dim, n_layer=c.layers, n_head=c.heads, n_inner=c.ffn,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **_COMMON,
     )
     return TensorOutput(_instantiate(tf.GPT2LMHeadModel, config), "logits")

@@ -3,7 +3,11 @@
 Router linear, softmax in float32, top-2, renormalise, a one-hot expert mask, then a Python loop over the
 experts that gathers each expert's tokens with torch.where, runs its SwiGLU FFN and scatters the weighted
 result back with index_add_. torch.where(mask) has a data-dependent output size, so Dynamo breaks the graph
-there (fullgraph is not expected to work); each expert's FFN still reaches the backend as a graph.
+there; as the break falls inside a loop, Dynamo runs the whole block eagerly and only each expert's FFN
+reaches the backend (one graph, recompiled once with a dynamic token count).
+
+mixtral_moe_captured is the same layer compiled with capture_dynamic_output_shape_ops: no graph break, one
+graph holding router, experts and index_add_, with unbacked (data-dependent) token counts per expert.
 """
 from __future__ import annotations
 
@@ -70,15 +74,28 @@ def _inputs(cfg: MoEConfig, gen: torch.Generator) -> tuple:
     return (torch.randn(cfg.batch, cfg.seq, cfg.dim, generator=gen),)
 
 
-ENTRY = ZooEntry(
-    name="mixtral_moe",
-    description="Mixtral sparse MoE layer (HF loop: softmax, top-2, one_hot mask, where, index_add_)",
-    trainable=True,
-    configs={
-        "small": MoEConfig(batch=2, seq=8, dim=32, ffn=64, experts=4),
-        # Mixtral-8x7B layer shapes: 8 experts of 4096 -> 14336 -> 4096, top-2
-        "bench": MoEConfig(batch=8, seq=512, dim=4096, ffn=14336, experts=8),
-    },
-    build=SparseMoE,
-    inputs=_inputs,
-)
+_CONFIGS = {
+    "small": MoEConfig(batch=2, seq=8, dim=32, ffn=64, experts=4),
+    # Mixtral-8x7B layer shapes: 8 experts of 4096 -> 14336 -> 4096, top-2
+    "bench": MoEConfig(batch=8, seq=512, dim=4096, ffn=14336, experts=8),
+}
+
+ENTRIES = [
+    ZooEntry(
+        name="mixtral_moe",
+        description="Mixtral sparse MoE layer (HF loop: softmax, top-2, one_hot mask, where, index_add_)",
+        trainable=True,
+        configs=_CONFIGS,
+        build=SparseMoE,
+        inputs=_inputs,
+    ),
+    ZooEntry(
+        name="mixtral_moe_captured",
+        description="mixtral_moe traced whole: capture_dynamic_output_shape_ops, unbacked expert token counts",
+        trainable=True,
+        configs=_CONFIGS,
+        build=SparseMoE,
+        inputs=_inputs,
+        dynamo_config={"capture_dynamic_output_shape_ops": True},
+    ),
+]

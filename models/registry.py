@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
@@ -44,6 +44,8 @@ class ZooEntry:
     configs: size name -> a config object (a dataclass for the plain-PyTorch models).
     build(cfg) -> nn.Module, float32, on the current default device.
     inputs(cfg, gen) -> tuple of CPU tensors, floating ones in float32.
+    dynamo_config: torch._dynamo.config settings to compile this entry under
+        (`with torch._dynamo.config.patch(**entry.dynamo_config): ...` around compiling and the first call).
     """
 
     name: str
@@ -52,6 +54,7 @@ class ZooEntry:
     configs: Mapping[str, Any]
     build: Callable[[Any], nn.Module]
     inputs: Callable[[Any, torch.Generator], tuple]
+    dynamo_config: Mapping[str, Any] = field(default_factory=dict)
 
     def config(self, size: str = "small") -> Any:
         if size not in self.configs:
