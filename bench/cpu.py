@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import harness  # noqa: E402
-from timing import base_info, copy_bandwidth  # noqa: E402
+from timing import base_info  # noqa: E402
 from workloads import cpu_workloads  # noqa: E402
 
 COPY_BYTES = 1 << 28  # 256 MiB source buffer (and as much again for the destination)
@@ -43,12 +43,10 @@ def main():
     opts = harness.parse_args(__doc__.strip().splitlines()[0])
     info = base_info("cpu")
     info["device"] = "cpu"
-    bps = copy_bandwidth("cpu", COPY_BYTES)
-    info["copy_GBps"] = round(bps / 1e9, 2)
     workloads = cpu_workloads(opts.only)
     if not workloads:
         sys.exit("no workload matches --only %r" % opts.only)
-    harness.run_suite(info, workloads, VARIANTS, COLUMNS, opts, device="cpu", card="cpu", copy_bps=bps,
+    harness.run_suite(info, workloads, VARIANTS, COLUMNS, opts, device="cpu", card="cpu", copy_bytes=COPY_BYTES,
                       min_total=0.3, ratios=RATIOS)
 
 

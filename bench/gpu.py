@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import harness  # noqa: E402
-from timing import base_info, copy_bandwidth  # noqa: E402
+from timing import base_info  # noqa: E402
 from workloads import gpu_workloads  # noqa: E402
 
 COPY_BYTES = 1 << 30  # 1 GiB source buffer (and as much again for the destination)
@@ -61,13 +61,11 @@ def main():
         info["cupy"] = cupy.__version__
     except Exception as e:
         info["cupy"] = "not importable: " + repr(e)
-    bps = copy_bandwidth(device, COPY_BYTES)
-    info["copy_TBps"] = round(bps / 1e12, 3)
     workloads = gpu_workloads(device, opts.only)
     if not workloads:
         sys.exit("no workload matches --only %r" % opts.only)
     harness.run_suite(info, workloads, VARIANTS, COLUMNS, opts, device=device, card=info["device"],
-                      copy_bps=bps, min_total=0.2, ratios=RATIOS)
+                      copy_bytes=COPY_BYTES, min_total=0.2, ratios=RATIOS)
 
 
 if __name__ == "__main__":

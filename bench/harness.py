@@ -4,8 +4,12 @@ A *variant* is one compiled column group (e.g. "ind" = Inductor default, "fuse" 
 Every variant runs inside its own try/except: a failure is recorded as row["<group>_error"] = repr(exc)
 and shows as ERROR in the table; the run goes on.  Row keys per variant group G:
   G_compile_s  wall seconds of compile + first call (cold or warm, depending on the variant)
-  G_ms         ms per call (timing.wall_ms), when the variant is timed
   G_err        relative norm error of the first output vs eager;  G_ok  whether G_err <= row["tol"]
+  G_rebuild_s  seconds to rebuild it for the timing phase (from the caches the compile filled)
+  G_ms         ms per call, when the variant is timed; eager_ms for eager
+Two phases per workload: (1) each variant compiled in turn, cold, after torch._dynamo.reset();
+(2) all timed variants rebuilt side by side and timed interleaved with eager (timing.wall_ms_interleaved),
+so that clock/thermal drift during the run affects every column alike.
 """
 import argparse
 import copy
@@ -19,8 +23,8 @@ import traceback
 
 import torch
 
-from timing import (BENCH_DIR, detach_copy, flat_tensors, format_table, json_line, rel_err, save_results,
-                    syncer, timed_first_call, wall_ms)
+from timing import (BENCH_DIR, copy_bandwidth, detach_copy, gpu_state, flat_tensors, format_table, json_line, rel_err, save_results,
+                    syncer, timed_first_call, wall_ms_interleaved)
 
 ROOT = os.path.dirname(BENCH_DIR)
 F32_TOL = 1e-5   # DESIGN.md: float32 within 1e-5 relative
@@ -67,7 +71,7 @@ class Context:
 
     def __init__(self, fuse_mod, fuse_error, keep):
         self.fuse, self.fuse_error, self.keep = fuse_mod, fuse_error, keep
-        self.dirs, self.fuse_dir = [], None
+        self.dirs, self.fuse_dir, self.timed = [], None, []
 
     def fresh_dir(self, prefix):
         d = tempfile.mkdtemp(prefix=prefix)
@@ -78,7 +82,7 @@ class Context:
         if not self.keep:
             for d in self.dirs:
                 shutil.rmtree(d, ignore_errors=True)
-        self.dirs, self.fuse_dir = [], None
+        self.dirs, self.fuse_dir, self.timed = [], None, []
 
     def need_fuse(self):
         if self.fuse is None:
@@ -86,13 +90,16 @@ class Context:
         return self.fuse
 
 
-# ---------------------------------------------------------------- variants: (group, prepare, options, timed)
+# ---------------------------------------------------------------- variants
+# A variant is (group, prepare, timed). prepare(ctx) resets what must be reset, points the cache
+# environment variable at the right directory and returns (env_var, cache_dir, compiler), where
+# compiler(fn) -> torch.compile(fn, ...). The timing phase reuses env_var/cache_dir/compiler.
 def inductor(group, mode="default"):
     """Inductor with a fresh TORCHINDUCTOR_CACHE_DIR (a cold compile)."""
     def prepare(ctx):
         torch._dynamo.reset()
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = ctx.fresh_dir("bench_inductor_")
-        return lambda fn: torch.compile(fn, mode=mode)
+        d = ctx.fresh_dir("bench_inductor_")
+        return "TORCHINDUCTOR_CACHE_DIR", d, lambda fn: torch.compile(fn, mode=mode)
     return group, prepare, True
 
 
@@ -104,8 +111,7 @@ def fuse_cold(group, options=None):
         if hasattr(mod, "reset"):
             mod.reset()
         ctx.fuse_dir = ctx.fresh_dir("bench_fuse_")
-        os.environ["FUSEBACKEND_CACHE_DIR"] = ctx.fuse_dir
-        return lambda fn: torch.compile(fn, backend="fuse", options=options)
+        return "FUSEBACKEND_CACHE_DIR", ctx.fuse_dir, lambda fn: torch.compile(fn, backend="fuse", options=options)
     return group, prepare, True
 
 
@@ -117,8 +123,7 @@ def fuse_warm(group, options=None):
             raise RuntimeError("no cold fuse compile to warm-start from")
         torch._dynamo.reset()
         mod.reset()
-        os.environ["FUSEBACKEND_CACHE_DIR"] = ctx.fuse_dir
-        return lambda fn: torch.compile(fn, backend="fuse", options=options)
+        return "FUSEBACKEND_CACHE_DIR", ctx.fuse_dir, lambda fn: torch.compile(fn, backend="fuse", options=options)
     return group, prepare, False
 
 
@@ -127,23 +132,49 @@ def short(exc):
     return text if len(text) <= 400 else text[:397] + "..."
 
 
-def run_variant(row, variant, ctx, fn, args, ref, sync, min_total, verbose):
+def compile_variant(row, variant, ctx, fn, args, ref, sync, verbose):
+    """Phase 1: cold (or warm) compile + first call, timed; correctness of that first output vs eager."""
     group, prepare, timed = variant
     try:
-        compiler = prepare(ctx)
-        compiled = compiler(fn)
-        out, secs = timed_first_call(compiled, args, sync)
+        env, cache_dir, compiler = prepare(ctx)
+        os.environ[env] = cache_dir
+        out, secs = timed_first_call(compiler(fn), args, sync)
         row[group + "_compile_s"] = secs
-        if ref is not None:
-            row[group + "_err"] = rel_err(detach_copy(out), ref)
-            row[group + "_ok"] = row[group + "_err"] <= row["tol"]
+        row[group + "_err"] = rel_err(detach_copy(out), ref)
+        row[group + "_ok"] = row[group + "_err"] <= row["tol"]
         del out
         if timed:
-            row[group + "_ms"] = wall_ms(lambda: compiled(*args), sync, min_total)
+            ctx.timed.append((group, env, cache_dir, compiler))
     except Exception as e:
         row[group + "_error"] = short(e)
         if verbose:
             traceback.print_exc()
+
+
+def time_all(row, ctx, fn, args, sync, min_total, verbose, copy_bufs):
+    """Phase 2: rebuild every timed variant side by side (no dynamo reset between them: each
+    torch.compile wrapper keeps its own cache entry, matched by backend; the rebuild reads the disk
+    caches phase 1 filled) and time eager and all of them interleaved, so drift hits all alike."""
+    torch._dynamo.reset()
+    src, dst = copy_bufs
+    calls = {"copy": lambda: dst.copy_(src), "eager": lambda: fn(*args)}
+    for group, env, cache_dir, compiler in ctx.timed:
+        try:
+            os.environ[env] = cache_dir
+            compiled = compiler(fn)
+            row[group + "_rebuild_s"] = timed_first_call(compiled, args, sync)[1]
+            calls[group] = (lambda c: lambda: c(*args))(compiled)
+        except Exception as e:
+            row[group + "_error"] = short(e)
+            if verbose:
+                traceback.print_exc()
+    times, errors = wall_ms_interleaved(calls, sync, min_total)
+    for group, ms in times.items():
+        row[group + "_ms"] = ms
+    if "copy_ms" in row:
+        row["copy_GBps"] = 2 * src.numel() / (row.pop("copy_ms") * 1e-3) / 1e9
+    for group, e in errors.items():
+        row[group + "_error"] = short(e)
 
 
 def tolerance(fn, args, ref):
@@ -190,14 +221,25 @@ def prewarm(info, device, fuse_mod, fuse_error, opts, sync):
     torch._dynamo.reset()
 
 
-def run_suite(info, workloads, variants, columns, opts, device, card, copy_bps, min_total, ratios):
-    """Measure every workload (eager, then each variant), print a JSON line each, then the table; save."""
+def run_suite(info, workloads, variants, columns, opts, device, card, copy_bytes, min_total, ratios):
+    """Measure every workload (eager, then each variant), print a JSON line each, then the table; save.
+
+    The copy bandwidth is measured alone first (info) and again inside each workload's interleaved timing;
+    floor_ms = bytes / that workload's copy bandwidth (bytes read + written)."""
+    on_cuda = torch.device(device).type == "cuda"
+    bps = copy_bandwidth(device, copy_bytes)
+    info["copy_GBps"] = round(bps / 1e9, 1)
+    info["loadavg_start"] = os.getloadavg()
+    if on_cuda:
+        info["gpu_state_start"] = gpu_state()
     fuse_mod, fuse_error = load_fuse()
     info["fusebackend"] = "ok" if fuse_mod is not None else fuse_error
     sync = syncer(device)
     with torch.no_grad():
         prewarm(info, device, fuse_mod, fuse_error, opts, sync)
     print(json.dumps(info), flush=True)
+    copy_bufs = (torch.ones(copy_bytes, dtype=torch.uint8, device=device),
+                 torch.empty(copy_bytes, dtype=torch.uint8, device=device))
     rows = []
     for name, fn, make_args, nbytes in workloads:
         row = {"name": name}
@@ -207,28 +249,35 @@ def run_suite(info, workloads, variants, columns, opts, device, card, copy_bps, 
                 args = make_args(device, torch.Generator(device=device).manual_seed(0))
                 ref = detach_copy(fn(*args))
                 row["tol"], row["eager_err_f64"] = tolerance(fn, args, ref)
-                row["eager_ms"] = wall_ms(lambda: fn(*args), sync, min_total)
             except Exception as e:
                 row["eager_error"] = short(e)
                 if opts.verbose:
                     traceback.print_exc()
-            if "eager_error" not in row or "tol" in row:
+            if "eager_error" not in row:
                 for v in variants:
-                    run_variant(row, v, ctx, fn, args, ref, sync, min_total, opts.verbose)
+                    compile_variant(row, v, ctx, fn, args, ref, sync, opts.verbose)
+                time_all(row, ctx, fn, args, sync, min_total, opts.verbose, copy_bufs)
         if nbytes:
             row["bytes"] = nbytes
-            row["floor_ms"] = nbytes / copy_bps * 1e3
+            row["floor_ms"] = nbytes / (row.get("copy_GBps") or bps / 1e9) * 1e-6
         for key, num, den in ratios:
             if row.get(num) and row.get(den):
                 row[key] = row[num] / row[den]
+        row["load1"] = os.getloadavg()[0]  # other processes on this machine skew CPU-side timings
+        if on_cuda:
+            row["gpu_state"] = gpu_state()
         rows.append(row)
         print(json_line(row), flush=True)
         torch._dynamo.reset()
         args = ref = None
         ctx.cleanup()
         gc.collect()
-        if torch.device(device).type == "cuda":
+        if on_cuda:
             torch.cuda.empty_cache()
+    copy_bufs = None
+    info["loadavg_end"] = os.getloadavg()
+    if on_cuda:
+        info["gpu_state_end"] = gpu_state()
     table = format_table(rows, columns)
     print()
     print(table, flush=True)

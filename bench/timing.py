@@ -46,6 +46,50 @@ def wall_ms(fn, sync=lambda: None, min_total=0.2, reps=5, max_iters=2000):
     return samples[len(samples) // 2]
 
 
+def wall_ms_interleaved(calls, sync=lambda: None, min_total=0.2, reps=5, max_iters=2000):
+    """wall_ms for several callables at once, their reps interleaved (A B C A B C ...).
+
+    Returns ({name: median ms}, {name: exception}); a callable that raises is dropped from later reps.
+    """
+    iters, samples, errors = {}, {}, {}
+    for name, fn in calls.items():
+        try:
+            fn()
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            iters[name] = max(3, min(max_iters, int(min_total / max(time.perf_counter() - t0, 1e-7))))
+            samples[name] = []
+        except Exception as e:
+            errors[name] = e
+    for _ in range(reps):
+        for name in list(samples):
+            fn, n = calls[name], iters[name]
+            try:
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                sync()
+                samples[name].append((time.perf_counter() - t0) * 1e3 / n)
+            except Exception as e:
+                errors[name] = e
+                del samples[name]
+    return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}, errors
+
+
+def gpu_state():
+    """Temperature, clocks and power of the first GPU from nvidia-smi (None without it): drift diagnosis."""
+    q = "temperature.gpu,clocks.sm,clocks.mem,power.draw,clocks_throttle_reasons.active"
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=" + q, "--format=csv,noheader"], capture_output=True,
+                           text=True, timeout=10)
+        return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
+    except Exception:
+        return None
+
+
 def timed_first_call(fn, args, sync):
     """Run fn(*args) once (a compile happens here); return (output, seconds)."""
     t0 = time.perf_counter()
