@@ -13,12 +13,17 @@ class GraphReport:
     kind: str
     graph: Any
     groups: list = field(default_factory=list)
+    batches: list = field(default_factory=list)
     sources: list = field(default_factory=list)
     fallbacks: list = field(default_factory=list)
     program: Any = None
 
     @property
     def num_kernels(self) -> int:
+        """Kernel launches per call: a horizontal batch counts once."""
+        steps = getattr(self.program, "steps", None)
+        if steps is not None:
+            return sum(1 for s in steps if s.kind in ("kernel", "batch"))
         return sum(1 for g in self.groups if g.is_kernel and not g.fallback_reason)
 
     @property

@@ -127,3 +127,16 @@ def test_explain_report_is_readable():
     text = str(rep)
     assert "1 fused kernel" in text and "gelu" in text
     assert rep.groups[0]["kind"] == "pointwise" and rep.sources and "fb::Gelu" in rep.sources[0]
+
+
+def test_horizontal_batch_is_one_launch():
+    def horizontal(*xs):
+        return [(x * 2.0 + 1.0).relu() for x in xs]
+    xs = tuple(r(8 + 4 * (i % 5), 32) for i in range(20))
+    rep = fusebackend.explain(horizontal, *xs)
+    assert rep.num_kernels == 1, str(rep)
+    assert rep.graph_reports[0].batches and len(rep.graph_reports[0].batches[0].groups) == 20
+    compiled = torch.compile(horizontal, backend="fuse")
+    for _ in range(2):
+        xs = tuple(r(8 + 4 * (i % 5), 32) for i in range(20))
+        assert_matches(horizontal, compiled, xs)

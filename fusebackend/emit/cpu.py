@@ -165,7 +165,7 @@ def _scalar_index(shape, plan, idx):
 def _finish(fg, group, b, kind, body) -> KernelSource:
     text = "\n".join(body)
     name = kernel_name("fb_" + kind[:3], text)
-    source = HEADER + TARGET_SIG % name + " {\n" + "\n".join(indent(body, 2)) + "\n}\n"
+    source = HEADER + TARGET_SIG % name + " {\n" + "\n".join(indent(body, 2)) + "\n}\n" + BATCH % (name, name)
     return KernelSource(
         name=name, target="cpu", kind=kind, source=source,
         inputs=[op.key for op in b.operands if not op.is_output],
@@ -173,10 +173,16 @@ def _finish(fg, group, b, kind, body) -> KernelSource:
         domain=tuple(group.domain), reduce_dims=tuple(group.reduce_dims),
         operand_ranks=tuple(op.meta.rank for op in b.operands),
         unit_strides=tuple((op.slot, d) for op in b.operands for d in sorted(op.unit_dims)),
-        contiguous_slots=tuple(op.slot for op in b.operands if op.flat))
+        contiguous_slots=tuple(op.slot for op in b.operands if op.flat), batch_name=name + "_batch")
 
 
 TARGET_SIG = 'extern "C" void %s(void** P, const int64_t* M)'
+# Horizontal batch: problems spread over threads; each problem's own parallel region then runs on one.
+BATCH = """extern "C" void %s_batch(void** P, const int64_t* M, int64_t nprob, int64_t nptr, int64_t nmeta) {
+  #pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t p = 0; p < nprob; ++p) %s(P + p * nptr, M + p * nmeta);
+}
+"""
 
 
 def emit_cpu(fg: FusionGraph, group) -> KernelSource:

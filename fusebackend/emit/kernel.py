@@ -24,6 +24,9 @@ class KernelSource:
     unit_strides: tuple = ()
     contiguous_slots: tuple = ()   # operands indexed by the linear index (must be contiguous)
     launch: dict = field(default_factory=dict)   # target-specific launch hints (CUDA block size, ...)
+    # Entry point running many problems of this kernel in one launch (horizontal fusion), if emitted:
+    # batch(P, M, nprob, nptr, nmeta) with problem p's pointers at P + p*nptr and meta at M + p*nmeta.
+    batch_name: str = ""
 
     @property
     def num_operands(self) -> int:

@@ -1,5 +1,6 @@
 """Passes: pure functions from a FusionGraph to groups."""
 from .groups import Group
+from .horizontal import Batch, batch_horizontal
 from .vertical import fuse_vertical
 
-__all__ = ["Group", "fuse_vertical"]
+__all__ = ["Batch", "Group", "batch_horizontal", "fuse_vertical"]

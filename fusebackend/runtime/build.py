@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from . import cpu_compiler
+from .batch import BatchKernelStep, batchable
 from .program import FallbackStep, Program
 from .steps import AtenStep, DynamicKernelStep, KernelStep, cpu_launcher
 from .symbols import SymbolEval
@@ -10,14 +11,14 @@ from .symbols import SymbolEval
 def compile_kernel(spec, opts):
     """Compile one KernelSource for its target; returns a launch(tensors, meta) callable."""
     if spec.target == "cpu":
-        return cpu_launcher(cpu_compiler.build(spec.source, spec.name, opts.cache_dir))
+        return cpu_launcher(cpu_compiler.build(spec.source, spec.name, opts.cache_dir), spec)
     if spec.target == "cuda":
         from . import cuda_compiler
         return cuda_compiler.launcher(spec, opts)
     raise ValueError("unknown kernel target %r" % spec.target)
 
 
-def build_program(fg, groups, kernels, opts) -> Program:
+def build_program(fg, groups, kernels, opts, batches=()) -> Program:
     steps = []
     sym = SymbolEval(fg.symbols)
     for g in groups:
@@ -30,16 +31,42 @@ def build_program(fg, groups, kernels, opts) -> Program:
             else:
                 step = DynamicKernelStep(spec, launch, metas, g.device, sym)
             step.group_nodes = nodes
+            step.group_id = g.id
             steps.append(step)
         elif g.is_kernel:
             steps.append(FallbackStep(nodes, g.fallback_reason or "no kernel"))
         else:
             steps.extend(AtenStep(n) for n in nodes)
+    steps = _merge_batches(steps, batches)
     program = Program(fg, steps, fg.inputs)
     if opts.cudagraphs:
         from .cudagraph import CudaGraphProgram
         return CudaGraphProgram(program)
     return program
+
+
+def _merge_batches(steps, batches):
+    """Replace the member steps of each horizontal batch by one BatchKernelStep (same kernel code only)."""
+    by_group = {getattr(s, "group_id", None): s for s in steps}
+    replace = {}
+    for b in batches:
+        members = [by_group.get(gid) for gid in b.groups]
+        by_source = {}
+        for m in members:
+            if m is not None and batchable(m):
+                by_source.setdefault(m.spec.source, []).append(m)
+        for same in by_source.values():
+            if len(same) >= 2:
+                step = BatchKernelStep(same, same[0].launch)
+                replace[id(same[0])] = step
+                for m in same[1:]:
+                    replace[id(m)] = None
+    out = []
+    for s in steps:
+        r = replace.get(id(s), s)
+        if r is not None:
+            out.append(r)
+    return out
 
 
 def reset() -> None:

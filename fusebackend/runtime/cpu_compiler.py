@@ -62,7 +62,7 @@ def _identity(cxx: str) -> str:
 
 
 def build(source: str, name: str, cache_dir: str | None = None):
-    """Compile (or fetch from cache) and return the ctypes function `name`."""
+    """Compile (or fetch from cache) and return the loaded library (ctypes.CDLL)."""
     cxx = compiler()
     key = cache.digest(source, _identity(cxx))
     with _lock:
@@ -75,12 +75,9 @@ def build(source: str, name: str, cache_dir: str | None = None):
         if cache.load_verified(path) is None:
             _compile(cxx, source, path)
     lib = ctypes.CDLL(path)
-    fn = getattr(lib, name)
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    fn.restype = None
     with _lock:
-        _loaded[key] = fn
-    return fn
+        _loaded[key] = lib
+    return lib
 
 
 def _compile(cxx: str, source: str, path: str) -> None:

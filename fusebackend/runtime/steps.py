@@ -65,9 +65,12 @@ class KernelStep:
         ins = [r(env) for r in self.ins]
         outs = [torch.empty_strided(s, st, dtype=dt, device=self.device) for s, st, dt in self.out_alloc]
         tensors = ins + outs
-        if self.meta is None:
-            self.meta = self.build_meta(tensors)
-        self.launch(tensors, self.meta)
+        meta = self.meta
+        if meta is None:
+            values = self.build_meta(tensors)
+            pack = getattr(self.launch, "pack", None)
+            meta = self.meta = pack(values) if pack else values
+        self.launch(tensors, meta)
         for name, t in zip(self.out_names, outs):
             env[name] = t
 
@@ -106,16 +109,31 @@ class DynamicKernelStep(KernelStep):
             env[name] = t
 
 
-def cpu_launcher(fn):
-    """ctypes call of a C++ kernel: void k(void** ptrs, const int64_t* meta)."""
-    cache = {}
+def cpu_launcher(lib, spec):
+    """ctypes call of a C++ kernel: void k(void** ptrs, const int64_t* meta).
+
+    `launch.pack` turns the meta list into the ctypes array once; KernelStep keeps the packed form;
+    `launch.batch(ptrs, meta, nprob, nptr, nmeta)` runs a horizontal batch of the same kernel."""
+    fn = getattr(lib, spec.name)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    fn.restype = None
 
     def launch(tensors, meta):
-        key = id(meta)
-        if key not in cache:
-            cache.clear()
-            cache[key] = ((ctypes.c_int64 * max(1, len(meta)))(*meta), meta)
-        arr = cache[key][0]
+        if isinstance(meta, list):
+            meta = pack(meta)
         ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
-        fn(ptrs, arr)
+        fn(ptrs, meta)
+
+    def pack(values):
+        return (ctypes.c_int64 * max(1, len(values)))(*values)
+    launch.pack = pack
+    if spec.batch_name:
+        bfn = getattr(lib, spec.batch_name)
+        bfn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+        bfn.restype = None
+
+        def batch(ptrs, meta, nprob, nptr, nmeta):
+            bfn(ptrs, meta, nprob, nptr, nmeta)
+        launch.batch = batch
+        launch.batch_pointers = lambda addrs: (ctypes.c_void_p * len(addrs))(*addrs)
     return launch
