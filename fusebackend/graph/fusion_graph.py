@@ -101,6 +101,16 @@ class FusionGraph:
         """All OpNodes in the original (topological) order."""
         return sorted((d["op"] for _, d in self.g.nodes(data=True)), key=lambda n: n.index)
 
+    def meta_of(self, ref) -> Optional[TensorMeta]:
+        """The TensorMeta of a value: a node name, or a Ref (selecting one output of a multi-output op)."""
+        if isinstance(ref, str):
+            return self.node(ref).meta
+        node = self.node(ref.name)
+        if ref.item is None:
+            return node.meta
+        multi = node.multi_meta or ()
+        return multi[ref.item] if ref.item < len(multi) else None
+
     def users(self, name: str) -> list[str]:
         return list(self.g.successors(name))
 

@@ -32,7 +32,7 @@ def signature(fg: FusionGraph, group) -> tuple:
                      for a in node.args)
         sig.append((node.op_name, node.meta.dtype, node.meta.rank, args))
     for ref in group.inputs:
-        m = fg.node(ref.name).meta
+        m = fg.meta_of(ref)
         sig.append(("in", m.dtype if m else None, m.rank if m else None, m.contiguous if m else None))
     return (group.kind, group.device, len(group.domain), tuple(group.reduce_dims), tuple(sig))
 

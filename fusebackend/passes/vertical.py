@@ -22,7 +22,7 @@ def view_is_remappable(fg: FusionGraph, name: str) -> bool:
     op = node.op_name.split(".")[0]
     if op not in REMAPPABLE_VIEWS or not isinstance(node.args[0], Ref) or node.meta is None:
         return False
-    src = fg.node(node.args[0].name).meta
+    src = fg.meta_of(node.args[0])
     if src is None or node.args[0].item is not None:
         return False
     if op in ("view", "_unsafe_view", "reshape"):
@@ -53,7 +53,7 @@ class _Fuser:
     def reduction_of(self, name: str):
         node = self.fg.node(name)
         red = registry.normalize_reduction(node.target, node.args, node.kwargs)
-        src = self.fg.node(red.input.name).meta
+        src = self.fg.meta_of(red.input)
         return registry.finish_reduction(red, src.rank), src.shape
 
     def domain(self, names):
