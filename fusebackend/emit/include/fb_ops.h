@@ -47,7 +47,7 @@ FB_UNARY(Floor, floor_(a))
 FB_UNARY(Ceil, -floor_(-a))
 FB_UNARY(Round, rint_(a))
 FB_UNARY(Trunc, a < (T)0 ? -floor_(-a) : floor_(a))
-FB_UNARY(Sign, isnan_(a) ? a : (T)((a > (T)0) - (a < (T)0)))
+FB_UNARY(Sign, (T)((a > (T)0) - (a < (T)0)))  // NaN -> 0, as torch.sign
 FB_UNARY(Square, a * a)
 FB_UNARY(Cube, a * a * a)
 FB_UNARY(BitwiseNot, ~a)
