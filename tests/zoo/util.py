@@ -79,43 +79,76 @@ def float64_reference(model: torch.nn.Module, inputs: tuple) -> torch.Tensor:
 
 
 def train_step(model: torch.nn.Module, inputs: tuple, out_weight: torch.Tensor, run=None) -> dict:
-    """One forward + backward through `run` (default: the model itself, e.g. a torch.compile wrapper of it);
-    returns everything a correct backend must reproduce."""
+    """One forward + backward through `run` (default: the model itself; e.g. a torch.compile wrapper of it).
+
+    Returns everything a correct backend must reproduce. The loss is computed in out_weight's dtype
+    (float32, or float64 for a reference step).
+    """
     inputs = tuple(t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs)
     out = (model if run is None else run)(*inputs)
     # A random weighting of the output, so every output element's gradient differs (a plain sum or mean
     # would hide transposed or broadcast mistakes in the backward).
-    loss = (out.float() * out_weight).sum()
+    terms = out.to(out_weight.dtype) * out_weight
+    loss = terms.sum()
     loss.backward()
     return {
         "out": out.detach(),
         "loss": loss.detach(),
         # The loss is a sum with cancellation, so its own relative error can be far above the output's;
-        # compare it against the sum of the magnitudes of its terms instead.
-        "loss_scale": (out.detach().float() * out_weight).abs().sum(),
+        # it is compared against the sum of the magnitudes of its terms instead.
+        "loss_scale": terms.detach().abs().sum(),
         "grads": {n: p.grad for n, p in model.named_parameters()},
         "input_grads": [t.grad for t in inputs],
         "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
     }
 
 
-def assert_train_step_close(actual: dict, expected: dict, tol: float) -> None:
-    assert_rel_close(actual["out"], expected["out"], tol, "forward output")
+def float64_train_step(model: torch.nn.Module, inputs: tuple, out_weight: torch.Tensor) -> dict:
+    ref_model = copy.deepcopy(model).double().train()
+    ref_inputs = tuple(t.double() if t.is_floating_point() else t for t in inputs)
+    return train_step(ref_model, ref_inputs, out_weight.double())
+
+
+def _flatten(step: dict) -> dict:
+    """name -> tensor (or None) for everything compared one by one."""
+    flat = {"forward output": step["out"]}
+    flat.update({f"grad of {n}": g for n, g in step["grads"].items()})
+    flat.update({f"grad of input {i}": g for i, g in enumerate(step["input_grads"])})
+    flat.update({f"buffer {n} after the step": b for n, b in step["buffers"].items()})
+    return flat
+
+
+def assert_train_step_close(actual: dict, expected: dict, tol: float, reference=None) -> None:
+    """Every output, gradient and buffer within `tol` relative norm of eager.
+
+    Some quantities are ill-conditioned: e.g. the gradient of an attention key bias is exactly zero in exact
+    arithmetic (softmax ignores a per-row constant), so eager and compiled both hold rounding noise. When
+    `reference()` (a float64 step) is given, a quantity that misses `tol` still passes if compiled is no
+    further from float64 than LOW_PRECISION_FACTOR times eager's own distance.
+    """
     loss_err = (actual["loss"].double() - expected["loss"].double()).abs().item()
     loss_bound = tol * expected["loss_scale"].item()
     assert loss_err <= loss_bound, f"loss: |compiled - eager| = {loss_err:.3e} > {loss_bound:.3e} (tol x sum|terms|)"
-    for name, g_eager in expected["grads"].items():
-        g = actual["grads"][name]
-        assert (g is None) == (g_eager is None), f"grad of {name}: compiled {g is not None}, eager {g_eager is not None}"
-        if g is not None:
-            assert_rel_close(g, g_eager, tol, f"grad of {name}")
-    for i, (g, g_eager) in enumerate(zip(actual["input_grads"], expected["input_grads"])):
-        assert (g is None) == (g_eager is None), f"grad of input {i}: compiled {g is not None}, eager {g_eager is not None}"
-        if g is not None:
-            assert_rel_close(g, g_eager, tol, f"grad of input {i}")
-    for name, b_eager in expected["buffers"].items():  # e.g. BatchNorm running statistics
-        b = actual["buffers"][name]
-        if b_eager.is_floating_point():
-            assert_rel_close(b, b_eager, tol, f"buffer {name} after the step")
-        else:
-            assert torch.equal(b, b_eager), f"buffer {name} after the step: {b} != eager {b_eager}"
+    got, want = _flatten(actual), _flatten(expected)
+    ref = None
+    for what, e in want.items():
+        a = got[what]
+        assert (a is None) == (e is None), f"{what}: compiled {'has' if a is not None else 'lacks'} it, eager not"
+        if e is None:
+            continue
+        assert a.shape == e.shape and a.dtype == e.dtype, f"{what}: {a.shape} {a.dtype} != eager {e.shape} {e.dtype}"
+        if not e.is_floating_point():
+            assert torch.equal(a, e), f"{what}: {a} != eager {e}"
+            continue
+        err = rel_err(a, e)
+        if err <= tol:
+            continue
+        assert reference is not None, f"{what}: relative error {err:.3e} > {tol:.1e}"
+        ref = ref or _flatten(reference())
+        r = ref[what].double()
+        eager_dist = (e.double() - r).norm().item()
+        compiled_dist = (a.double() - r).norm().item()
+        assert compiled_dist <= LOW_PRECISION_FACTOR * eager_dist, (
+            f"{what}: relative error {err:.3e} > {tol:.1e} vs eager; vs float64, compiled is {compiled_dist:.3e} "
+            f"away and eager {eager_dist:.3e} (relative to |float64| = {r.norm().item():.3e})"
+        )
