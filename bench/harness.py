@@ -23,8 +23,8 @@ import traceback
 
 import torch
 
-from timing import (BENCH_DIR, copy_bandwidth, detach_copy, gpu_state, flat_tensors, format_table, json_line, rel_err, save_results,
-                    syncer, timed_first_call, wall_ms_interleaved)
+from timing import (BENCH_DIR, copy_bandwidth, detach_copy, flat_tensors, format_table, gpu_state, json_line,
+                    rel_err, save_results, syncer, timed_first_call, wall_ms_interleaved)
 
 ROOT = os.path.dirname(BENCH_DIR)
 F32_TOL = 1e-5   # DESIGN.md: float32 within 1e-5 relative
