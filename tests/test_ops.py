@@ -93,6 +93,10 @@ def test_views_inside_groups(name):
     check(VIEWS[name], rand(6, 7, 33, specials=False))
 
 
+def test_bool_bitwise_not():
+    check(lambda x: torch.where(~(x > 0), x, 2 * x), rand(8, 16, specials=False))
+
+
 def test_bool_and_int_reductions():
     check(lambda x: ((x > 0).sum(-1), (x > 0).any(0), (x > 1).all(1)), rand(8, 16, specials=False))
 

@@ -95,6 +95,7 @@ template <> FB_HD int64_t Pow::exec<int64_t>(int64_t a, int64_t b) {
   return r;
 }
 template <> FB_HD bool Add::exec<bool>(bool a, bool b) { return a || b; }
+template <> FB_HD bool BitwiseNot::exec<bool>(bool a) { return !a; }  // ~ on a C++ bool is never false
 template <> FB_HD bool Mul::exec<bool>(bool a, bool b) { return a && b; }
 
 struct DivTrunc {
