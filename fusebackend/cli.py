@@ -1,0 +1,405 @@
+"""`fusebackend dump TARGET`: compile a model with the fuse backend and show every stage of the chain.
+
+    fusebackend dump llama_layer                        # a model-zoo entry (`fusebackend models` lists them)
+    fusebackend dump path/to/file.py:make_model         # make_model() -> (model, example_inputs)
+    fusebackend dump gpt2_block --train --svg g.svg     # forward and backward graphs; one SVG per graph
+    fusebackend dump mlp --options max_group_nodes=4 --source --out dumps/
+
+Exit codes: 0 done, 1 the compile or the model itself failed, 2 a usage error (one line on stderr says what
+to fix).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import inspect
+import json
+import os
+import sys
+import traceback
+import warnings
+
+USAGE_ERROR, RUN_ERROR = 2, 1
+DTYPES = {"float32": "float32", "f32": "float32", "fp32": "float32", "float": "float32",
+          "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+          "f16": "float16", "half": "float16", "float64": "float64", "f64": "float64", "double": "float64"}
+
+
+class UsageError(Exception):
+    """A mistake the user can fix: reported as one line, exit code 2."""
+
+
+class RunError(Exception):
+    """The model or the compile failed: reported as one line, exit code 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError("%s (see `%s --help`)" % (message, self.prog))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fusebackend", description="fusebackend debugging tools")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="{dump,models}")
+    d = sub.add_parser("dump", help="compile a model and show its graphs, fusion groups, fallbacks and kernels",
+                       description="Compile TARGET with backend='fuse', run it once and show, for every compiled "
+                                   "graph, the ATen graph, the fusion groups, batches, placement, fallbacks and "
+                                   "(with --source) the generated kernels.",
+                       epilog="examples:\n"
+                              "  fusebackend dump llama_layer\n"
+                              "  fusebackend dump gpt2_block --train --svg gpt2.svg\n"
+                              "  fusebackend dump path/to/model.py:make --device cuda --dtype bf16 --out dumps/\n"
+                              "  fusebackend dump mlp --options max_group_nodes=8 --source\n"
+                              "Set FUSEBACKEND_DUMP_DIR=DIR to dump every graph of any torch.compile run.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("target", metavar="TARGET",
+                   help="a model-zoo name (see `fusebackend models`) or path/to/file.py:factory, where "
+                        "factory() returns (model, example_inputs)")
+    d.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
+    d.add_argument("--dtype", help="float32 (default), bfloat16, float16, float64")
+    d.add_argument("--size", choices=["small", "bench"], default="small", help="zoo model size (default small)")
+    d.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default 0)")
+    d.add_argument("--options", action="append", default=[], metavar="KEY=VALUE",
+                   help="a backend option (repeatable), e.g. --options max_group_nodes=8")
+    d.add_argument("--train", action="store_true", help="run forward and backward: dump the backward graph too")
+    d.add_argument("--source", action="store_true", help="print the generated kernel sources")
+    d.add_argument("--svg", metavar="FILE", help="draw the graph as SVG (FILE_<i>_<kind>.svg if several graphs)")
+    d.add_argument("--dot", metavar="FILE", help="write Graphviz DOT text (same naming as --svg)")
+    d.add_argument("--out", metavar="DIR", help="write every graph's .txt/.json/.svg/.dot and kernel sources")
+    d.add_argument("-q", "--quiet", action="store_true", help="do not print the text summary")
+    d.add_argument("--traceback", action="store_true", help="show the full traceback when something fails")
+    sub.add_parser("models", help="list the model-zoo entries", description="List the model-zoo entries.")
+    return p
+
+
+# ------------------------------------------------------------------------------------------- arguments
+
+def parse_value(text: str):
+    """JSON-ish: true/false, null/none, ints, floats, JSON lists/objects, else the string itself."""
+    t = text.strip()
+    low = t.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("null", "none"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(t)
+        except ValueError:
+            pass
+    if t[:1] in "[{" and t:
+        try:
+            return json.loads(t)
+        except ValueError:
+            pass
+    if len(t) >= 2 and t[0] == t[-1] and t[0] in "'\"":
+        return t[1:-1]
+    return t
+
+
+def parse_options(items) -> dict:
+    from .options import FuseOptions, OptionError
+    opts = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError("--options %r: write KEY=VALUE, e.g. --options max_group_nodes=8" % item)
+        opts[key.strip()] = parse_value(value)
+    try:
+        FuseOptions.from_dict(opts)
+    except OptionError as e:
+        raise UsageError("--options: %s" % str(e).replace("fusebackend: ", "", 1))
+    except TypeError as e:
+        raise UsageError("--options: %s" % e)
+    return opts
+
+
+def parse_device(text):
+    import torch
+    if text is None:
+        return None
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError("--device %r is not a device: use cpu, cuda or cuda:N" % text)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device %s: CUDA is not available here; use --device cpu" % text)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError("--device %s: only %d CUDA device(s) here" % (text, torch.cuda.device_count()))
+    return dev
+
+
+def parse_dtype(text):
+    import torch
+    if text is None:
+        return None
+    name = DTYPES.get(text.lower())
+    if name is None:
+        raise UsageError("--dtype %r: use one of float32, bfloat16, float16, float64" % text)
+    return getattr(torch, name)
+
+
+# ------------------------------------------------------------------------------------------- targets
+
+def _zoo():
+    try:
+        import models
+    except ImportError:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if not os.path.isdir(os.path.join(root, "models")):
+            raise UsageError("the model zoo (package `models`) is not importable: run from the repository root, "
+                             "`pip install -e .`, or give TARGET as path/to/file.py:factory")
+        sys.path.insert(0, root)
+        import models
+    return models
+
+
+def _is_file_target(target: str) -> bool:
+    return ":" in target or target.endswith(".py") or os.sep in target or "/" in target
+
+
+def _load_file_target(target, size, device, dtype, seed):
+    path, sep, factory = target.rpartition(":")
+    if not sep:
+        path, factory = target, ""
+    if not factory:
+        raise UsageError("TARGET %r names no factory: write it as %s:FACTORY (a callable returning "
+                         "(model, example_inputs))" % (target, path or target))
+    if not path:
+        raise UsageError("TARGET %r names no file: write it as path/to/file.py:%s" % (target, factory))
+    if not os.path.isfile(path):
+        raise UsageError("no such file: %s (TARGET is a zoo name or path/to/file.py:factory)" % path)
+    mod_name = "_fusebackend_target_%d" % (abs(hash(os.path.abspath(path))) % 10**8)
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise UsageError("cannot import %s as Python: give a .py file" % path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise UsageError("importing %s failed: %s: %s" % (path, type(e).__name__, _first_line(e)))
+    finally:
+        sys.path.pop(0)
+    fn = getattr(module, factory, None)
+    if not callable(fn):
+        found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
+                       and getattr(v, "__module__", None) == mod_name)
+        raise UsageError("%s has no callable %r%s" % (path, factory,
+                                                      "; it defines: %s" % ", ".join(found) if found else ""))
+    wanted = {"size": size, "device": device, "dtype": dtype, "seed": seed}
+    try:
+        params = inspect.signature(fn).parameters
+        var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+        kwargs = {k: v for k, v in wanted.items() if v is not None and (var_kw or k in params)}
+    except (TypeError, ValueError):
+        kwargs = {}
+    try:
+        result = fn(**kwargs)
+    except Exception as e:
+        raise RunError("%s:%s() failed: %s: %s" % (path, factory, type(e).__name__, _first_line(e)))
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        raise UsageError("%s:%s() must return (model, example_inputs), got %s"
+                         % (path, factory, type(result).__name__))
+    model, inputs = result
+    if not callable(model):
+        raise UsageError("%s:%s() returned a model that is not callable (%s)" % (path, factory, type(model).__name__))
+    return _convert(model, inputs, None if "device" in kwargs else device, None if "dtype" in kwargs else dtype), {}
+
+
+def _convert(model, inputs, device, dtype):
+    """Move a factory's model/inputs where --device/--dtype ask, when the factory did not take them."""
+    import torch
+    if device is None and dtype is None:
+        return model, inputs
+
+    def move(t):
+        if isinstance(t, torch.Tensor):
+            cast = dtype is not None and t.is_floating_point()
+            return t.to(device=device or t.device, dtype=dtype if cast else t.dtype)
+        return t
+    if isinstance(model, torch.nn.Module):
+        model = model.to(device=device) if device is not None else model
+        model = model.to(dtype=dtype) if dtype is not None else model
+    if isinstance(inputs, dict):
+        return model, {k: move(v) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return model, type(inputs)(move(v) for v in inputs)
+    return model, move(inputs)
+
+
+def load_target(target, size, device, dtype, seed):
+    """(model, inputs, dynamo_config) for TARGET."""
+    import torch
+    if _is_file_target(target):
+        (model, inputs), cfg = _load_file_target(target, size, device, dtype, seed)
+        return model, inputs, cfg
+    models = _zoo()
+    entry = models.ZOO.get(target)
+    if entry is None:
+        raise UsageError("unknown model %r: zoo models are %s (or give path/to/file.py:factory)"
+                         % (target, ", ".join(models.ZOO)))
+    if size not in entry.configs:
+        raise UsageError("zoo model %r has no size %r; sizes: %s" % (target, size, ", ".join(entry.configs)))
+    try:
+        model, inputs = entry.make(size=size, device=device or "cpu", dtype=dtype or torch.float32, seed=seed)
+    except ImportError as e:
+        raise UsageError("zoo model %r cannot be built here: %s" % (target, _first_line(e)))
+    except Exception as e:
+        raise RunError("building zoo model %r failed: %s: %s" % (target, type(e).__name__, _first_line(e)))
+    return model, inputs, dict(entry.dynamo_config)
+
+
+# ------------------------------------------------------------------------------------------- running
+
+def _first_line(e) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _root_cause(e):
+    inner = getattr(e, "inner_exception", None)      # torch._dynamo BackendCompilerFailed
+    return inner if isinstance(inner, BaseException) else e
+
+
+def _loss(out):
+    import torch
+    import torch.utils._pytree as pytree
+    leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not leaves:
+        raise UsageError("--train: no output of the model requires grad (does it have trainable parameters?)")
+    return sum(t.float().sum() for t in leaves)
+
+
+def compile_and_run(model, inputs, options, train, dynamo_config):
+    """Compile with backend='fuse', run once (and backward with train); returns the GraphReports."""
+    import torch
+    from . import report as report_mod
+    from .backend import fuse
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=fuse, options=options) if options else torch.compile(model, backend=fuse)
+    if isinstance(inputs, dict):
+        args, kwargs = (), dict(inputs)
+    elif isinstance(inputs, (list, tuple)):
+        args, kwargs = tuple(inputs), {}
+    else:
+        args, kwargs = (inputs,), {}
+    if train and isinstance(model, torch.nn.Module):
+        model.train()
+    grad = torch.enable_grad() if train else torch.no_grad()
+    # Compile the backward graph with the forward one, in this thread (else autograd compiles it lazily,
+    # on a device thread for CUDA, where this thread's report capture cannot see it).
+    eager_bw = (torch._functorch.config.patch(force_non_lazy_backward_lowering=True) if train
+                else contextlib.nullcontext())
+    with report_mod.capture() as reps, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="fusebackend: ")     # fallbacks are listed in the dump
+        with torch._dynamo.config.patch(**dynamo_config), eager_bw, grad:
+            out = compiled(*args, **kwargs)
+            if train:
+                _loss(out).backward()
+    return list(reps)
+
+
+def _numbered(path: str, data: dict, many: bool) -> str:
+    if not many:
+        return path
+    stem, ext = os.path.splitext(path)
+    return "%s_%d_%s%s" % (stem, data["index"], data["kind"], ext)
+
+
+def cmd_dump(args) -> int:
+    import torch
+    from .dump import graph_data, render_text, write_files
+    from .dump_dot import render_dot
+    from .dump_svg import render_svg
+    options = parse_options(args.options)
+    device, dtype = parse_device(args.device), parse_dtype(args.dtype)
+    for flag, path in (("--svg", args.svg), ("--dot", args.dot)):
+        if path and os.path.dirname(path) and not os.path.isdir(os.path.dirname(path)):
+            raise UsageError("%s %s: folder %s does not exist" % (flag, path, os.path.dirname(path)))
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError("--out %s is a file, not a folder" % args.out)
+    model, inputs, dynamo_config = load_target(args.target, args.size, device, dtype, args.seed)
+    try:
+        reports = compile_and_run(model, inputs, options, args.train, dynamo_config)
+    except UsageError:
+        raise
+    except Exception as e:
+        if args.traceback:
+            raise
+        cause = _root_cause(e)
+        raise RunError("compiling/running %s failed: %s: %s (rerun with --traceback for details)"
+                       % (args.target, type(cause).__name__, _first_line(cause)))
+    if not reports:
+        raise RunError("%s ran without compiling any graph (nothing for Dynamo to capture?)" % args.target)
+    datas = [graph_data(rep, i) for i, rep in enumerate(reports)]
+    if not args.quiet:
+        dev = str(device or "cpu")
+        dt = str(dtype or torch.float32).replace("torch.", "")
+        print("fusebackend dump %s (size %s, %s, %s, %s): %d compiled graph(s)"
+              % (args.target, args.size, dev, dt, "train" if args.train else "inference", len(datas)))
+        for d in datas:
+            print()
+            sys.stdout.write(render_text(d, sources=args.source))
+    many = len(datas) > 1
+    written = []
+    for d in datas:
+        if args.svg:
+            written.append(_write(_numbered(args.svg, d, many), render_svg(d)))
+        if args.dot:
+            written.append(_write(_numbered(args.dot, d, many), render_dot(d)))
+        if args.out:
+            written += write_files(d, args.out)
+    if written:
+        where = args.out if args.out and len(written) > 2 else ", ".join(written)
+        print("fusebackend dump: wrote %d file(s): %s" % (len(written), where), file=sys.stderr)
+    return 0
+
+
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def cmd_models(args) -> int:
+    models = _zoo()
+    width = max(len(n) for n in models.ZOO)
+    for name, entry in models.ZOO.items():
+        print("%-*s  %s%s" % (width, name, entry.description, "" if entry.trainable else " (not trainable)"))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    tb = "--traceback" in (sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            raise UsageError("choose a command: `fusebackend dump TARGET` or `fusebackend models` "
+                             "(see `fusebackend --help`)")
+        return {"dump": cmd_dump, "models": cmd_models}[args.command](args)
+    except SystemExit as e:                      # --help
+        return e.code if isinstance(e.code, int) else 0
+    except UsageError as e:
+        print("fusebackend: error: %s" % e, file=sys.stderr)
+        return USAGE_ERROR
+    except RunError as e:
+        print("fusebackend: error: %s" % e, file=sys.stderr)
+        return RUN_ERROR
+    except KeyboardInterrupt:
+        print("fusebackend: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:                        # a bug in this tool: say so in one line unless asked
+        if tb:
+            traceback.print_exc()
+        else:
+            print("fusebackend: internal error: %s: %s (rerun with --traceback)" % (type(e).__name__, _first_line(e)),
+                  file=sys.stderr)
+        return RUN_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
