@@ -2,11 +2,23 @@
 
     model = torch.compile(model, backend="fuse")            # found through the torch_dynamo_backends entry point
     report = fusebackend.explain(fn, *args)                  # what was fused, the generated sources
+
+Attributes load lazily, so `import fusebackend` (and the CLI) start without importing Dynamo.
 """
-from .backend import fuse
-from .explain import Report, explain
 from .options import FuseOptions, OptionError
-from .runtime import reset
 
 __version__ = "0.1.0"
 __all__ = ["fuse", "explain", "Report", "FuseOptions", "OptionError", "reset"]
+
+_LAZY = {"fuse": ("backend", "fuse"), "explain": ("explain", "explain"), "Report": ("explain", "Report"),
+         "reset": ("runtime", "reset")}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module("." + module, __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError("module 'fusebackend' has no attribute %r" % name)

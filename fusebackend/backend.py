@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch._dynamo.backends.common import aot_autograd
 
-from . import decompositions, report as report_mod
+from . import decompositions, progress, report as report_mod
 from .emit import EmitError, emit_kernel
 from .graph import lower
 from .options import FuseOptions
@@ -66,7 +66,7 @@ def _sizes_evaluable(fg) -> bool:
 
 
 def _build_kernels(fg, groups, opts, rep) -> dict:
-    """Emit and compile every kernel group (compiles run in parallel); failures become fallbacks."""
+    """Emit and compile every kernel group (distinct sources compile once, in parallel); failures fall back."""
     specs = {}
     for g in groups:
         if not g.is_kernel:
@@ -75,23 +75,35 @@ def _build_kernels(fg, groups, opts, rep) -> dict:
             specs[g.id] = emit_kernel(fg, g)
         except EmitError as e:
             _fail(g, "emit: %s" % e, opts, rep)
+    rep.specs = specs
+    unique = {}
+    for spec in specs.values():
+        unique.setdefault(spec.source, spec)
     threads = opts.compile_threads or os.cpu_count() or 1
 
-    def build(item):
-        gid, spec = item
+    def build(spec):
         try:
-            return gid, spec, compile_kernel(spec, opts), None
-        except Exception as e:     # a compiler error or a missing compiler: that group runs as ATen
-            return gid, spec, None, e
+            return spec.source, compile_kernel(spec, opts), None
+        except Exception as e:     # a compiler error or a missing compiler: those groups run as ATen
+            return spec.source, None, e
 
+    built = {}
+    progress.start(len(unique))
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(unique) or 1))) as pool:
+            for source, launch, err in pool.map(build, unique.values()):
+                built[source] = (launch, err)
+                rep.sources.append(source)
+                progress.step()
+    finally:
+        progress.done()
     kernels = {}
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(specs) or 1))) as pool:
-        for gid, spec, launch, err in pool.map(build, specs.items()):
-            rep.sources.append(spec.source)
-            if err is not None:
-                _fail(next(g for g in groups if g.id == gid), "compile: %s" % err, opts, rep)
-            else:
-                kernels[gid] = (spec, launch)
+    for gid, spec in specs.items():
+        launch, err = built[spec.source]
+        if err is not None:
+            _fail(next(g for g in groups if g.id == gid), "compile: %s" % err, opts, rep)
+        else:
+            kernels[gid] = (spec, launch)
     return kernels
 
 
