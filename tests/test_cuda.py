@@ -1,0 +1,395 @@
+"""The CUDA path: emitted source (nvcc / NVRTC compile checks and an emulated run on the CPU), the launch
+planning, the NVRTC disk cache, and — on a GPU (`pytest -m gpu`) — numerics against eager, CUDA graphs and
+warm starts."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch._dynamo.backends.common import aot_autograd
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import cuda_emu  # noqa: E402
+import numerics  # noqa: E402
+
+import fusebackend  # noqa: E402
+from fusebackend import decompositions  # noqa: E402
+from fusebackend.emit import cuda as E  # noqa: E402
+from fusebackend.emit.cuda import emit_cuda  # noqa: E402
+from fusebackend.graph import lower  # noqa: E402
+from fusebackend.options import FuseOptions  # noqa: E402
+from fusebackend.passes import fuse_vertical  # noqa: E402
+from fusebackend.runtime import build_program  # noqa: E402
+from fusebackend.runtime import cuda_compiler as CC  # noqa: E402
+from fusebackend.runtime.steps import LayoutMismatch  # noqa: E402
+
+F = torch.nn.functional
+INCLUDE = CC.INCLUDE
+
+
+# ---------------------------------------------------------------- the graphs
+
+def _t(*s, dtype=torch.float32, device="cpu"):
+    return torch.randn(*s, device=device).to(dtype)
+
+
+def _pos(*s, device="cpu"):
+    return torch.rand(*s, device=device) + 0.5
+
+
+def _misaligned(*s, dtype=torch.float32, device="cpu"):
+    n = 1
+    for v in s:
+        n *= v
+    return torch.randn(n + 1, device=device).to(dtype)[1:].view(*s)
+
+
+def _rms(x, w):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * w
+
+
+BF, HF = torch.bfloat16, torch.float16
+
+# name -> (fn, make_args(device))
+CASES = {
+    "pointwise_chain": (lambda x, y: F.gelu(x * 1.5 + y) * torch.sigmoid(x) - torch.tanh(y) * 0.5,
+                        lambda d: (_t(1000, 37, device=d), _t(1000, 37, device=d))),
+    "pointwise_tail": (lambda x, y: x * y + 2, lambda d: (_t(999, 37, device=d), _t(999, 37, device=d))),
+    "pointwise_misaligned": (lambda x, y: x * y + 2,
+                             lambda d: (_misaligned(100, 64, device=d), _t(100, 64, device=d))),
+    "broadcast_bias": (lambda x, b, m: torch.relu(x + b) * m,
+                       lambda d: (_t(64, 256, device=d), _t(256, device=d), _t(64, 1, device=d))),
+    "transposed": (lambda x, y: x.t() * y + 1, lambda d: (_t(256, 64, device=d), _t(64, 256, device=d))),
+    "sliced": (lambda x: torch.exp(x[:, ::2]) + x[:, 1::2], lambda d: (_t(64, 256, device=d),)),
+    "softmax": (lambda x, m: torch.softmax(x * 0.125 + m, -1),
+                lambda d: (_t(64, 4096, device=d), _t(64, 4096, device=d))),
+    "softmax_short": (lambda x: torch.softmax(x, -1), lambda d: (_t(300, 100, device=d),)),
+    "softmax_long": (lambda x: torch.softmax(x, -1), lambda d: (_t(4, 50000, device=d),)),
+    "softmax_odd": (lambda x: torch.softmax(x, -1), lambda d: (_t(33, 3001, device=d),)),
+    "softmax_misaligned": (lambda x: torch.softmax(x, -1), lambda d: (_misaligned(64, 4096, device=d),)),
+    "softmax_transposed": (lambda x: torch.softmax(x.t(), -1), lambda d: (_t(2048, 16, device=d),)),
+    "softmax_dim0": (lambda x: torch.softmax(x, 0), lambda d: (_t(300, 40, device=d),)),
+    "layernorm_gelu_bf16": (lambda x, r, w, b: F.gelu(F.layer_norm(x + r, (1024,), w, b)),
+                            lambda d: (_t(64, 1024, dtype=BF, device=d), _t(64, 1024, dtype=BF, device=d),
+                                       _t(1024, dtype=BF, device=d), _t(1024, dtype=BF, device=d))),
+    "layernorm_f32": (lambda x, w, b: F.layer_norm(x, (4096,), w, b),
+                      lambda d: (_t(32, 4096, device=d), _t(4096, device=d), _t(4096, device=d))),
+    "layernorm_misaligned_bf16": (lambda x, w, b: F.layer_norm(x, (1024,), w, b),
+                                  lambda d: (_misaligned(16, 1024, dtype=BF, device=d),
+                                             _t(1024, dtype=BF, device=d), _t(1024, dtype=BF, device=d))),
+    "rmsnorm_bf16": (_rms, lambda d: (_t(64, 4096, dtype=BF, device=d), _t(4096, dtype=BF, device=d))),
+    "rmsnorm_3d_bf16": (_rms, lambda d: (_t(4, 8, 2048, dtype=BF, device=d), _t(2048, dtype=BF, device=d))),
+    "sum_dim0": (lambda x: x.sum(0), lambda d: (_pos(300, 77, device=d),)),
+    "amax_dims02": (lambda x: x.amax(dim=(0, 2)), lambda d: (_t(6, 50, 40, device=d),)),
+    "mean_mid": (lambda x: x.mean(1, keepdim=True) * x, lambda d: (_pos(8, 33, 16, device=d),)),
+    "sum_all": (lambda x: x.sum(), lambda d: (_pos(1000, 100, device=d),)),
+    "amax_misaligned": (lambda x: x.amax(-1), lambda d: (_misaligned(64, 256, device=d),)),
+    "var_mean": (lambda x: torch.var_mean(x, -1), lambda d: (_t(64, 512, device=d),)),
+    "f16_chain": (lambda x, y: (x * y + 1).sigmoid() * 2,
+                  lambda d: (_t(100, 200, dtype=HF, device=d), _t(100, 200, dtype=HF, device=d))),
+    "bf16_chain": (lambda x, y: torch.where(x > y, x - y, x * y).exp(),
+                   lambda d: (_t(128, 130, dtype=BF, device=d), _t(128, 130, dtype=BF, device=d))),
+    "int_ops": (lambda x, y: (x * 3 + y) // 2 - (x % 5),
+                lambda d: (torch.randint(-100, 100, (64, 100), dtype=torch.int32, device=d),
+                           torch.randint(1, 100, (64, 100), dtype=torch.int32, device=d))),
+    "int64_sum": (lambda x: x.sum(-1), lambda d: (torch.randint(-100, 100, (64, 1000), device=d),)),
+    "bool_ops": (lambda x, y: (x > 0) & (y < 0) | (x > y), lambda d: (_t(50, 64, device=d), _t(50, 64, device=d))),
+    "any_all": (lambda x: (x > 2).any(-1) | (x > -5).all(-1), lambda d: (_t(40, 300, device=d),)),
+    "uint8_add": (lambda x, y: x + y,
+                  lambda d: (torch.randint(0, 100, (1000,), dtype=torch.uint8, device=d),
+                             torch.randint(0, 100, (1000,), dtype=torch.uint8, device=d))),
+    "double_chain": (lambda x: torch.exp(x) * 2 - x, lambda d: (_t(100, 10, dtype=torch.float64, device=d),)),
+    "scalar_out": (lambda x: (x * 2).sum() + 1, lambda d: (_t(37, device=d),)),
+    "empty": (lambda x: x * 2, lambda d: (_t(0, 5, device=d),)),
+    "zero_length_rows": (lambda x: x.sum(-1), lambda d: (_t(5, 0, device=d),)),
+}
+ROW_CASES = ["softmax", "softmax_dim0", "softmax_misaligned", "layernorm_gelu_bf16",
+             "layernorm_misaligned_bf16", "var_mean", "mean_mid"]
+
+
+def capture(fn, args):
+    """(FusionGraph, groups) of fn's ATen graph, as the fuse backend would build them."""
+    got = []
+
+    def comp(gm, example_inputs):
+        got.append(gm)
+        return gm
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=comp, inference_compiler=comp, decompositions=decompositions.table())
+    with torch.no_grad():
+        torch.compile(fn, backend=backend)(*args)
+    fg = lower(got[0])
+    return fg, fuse_vertical(fg)
+
+
+def cuda_sources(fn, args):
+    fg, groups = capture(fn, args)
+    return [emit_cuda(fg, g) for g in groups if g.is_kernel]
+
+
+# ---------------------------------------------------------------- compile checks (no GPU)
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_nvcc_compiles(name, tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed")
+    fn, make = CASES[name]
+    specs = cuda_sources(fn, make("cpu"))
+    if name == "empty":
+        return
+    assert specs, "no kernel group"
+    for spec in specs:
+        assert spec.target == "cuda" and "#include <" not in spec.source
+        src = tmp_path / ("%s.cu" % spec.name)
+        src.write_text(spec.source)
+        res = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", "-I", INCLUDE, str(src),
+                              "-o", str(tmp_path / ("%s.o" % spec.name))], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:] + "\n" + spec.source
+
+
+def _nvrtc_usable():
+    try:
+        CC._cupy()
+        return True
+    except CC.CupyMissing:
+        return False
+
+
+@pytest.mark.skipif(not _nvrtc_usable(), reason="CuPy with NVRTC not installed")
+@pytest.mark.parametrize("name", ["softmax", "layernorm_gelu_bf16", "pointwise_chain", "int64_sum", "bool_ops"])
+def test_nvrtc_compiles_and_caches(name, tmp_path):
+    fn, make = CASES[name]
+    for spec in cuda_sources(fn, make("cpu")):
+        CC.clear_memory()
+        before = dict(CC.stats)
+        image = CC.compile_image(spec.source, spec.name, 90, str(tmp_path))
+        assert image and CC.stats["nvrtc"] == before["nvrtc"] + 1
+        CC.clear_memory()
+        assert CC.compile_image(spec.source, spec.name, 90, str(tmp_path)) == image
+        assert CC.stats["disk"] == before["disk"] + 1
+        entry = next(p for p in (tmp_path / "cuda").iterdir() if p.name.endswith(".cubin"))
+        entry.write_bytes(b"corrupt")            # a corrupt entry is rebuilt, not loaded
+        CC.clear_memory()
+        assert CC.compile_image(spec.source, spec.name, 90, str(tmp_path)) == image
+        assert CC.stats["nvrtc"] == before["nvrtc"] + 2
+        for p in (tmp_path / "cuda").iterdir():
+            p.unlink()
+
+
+def test_missing_cupy_names_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", None)
+    monkeypatch.setitem(sys.modules, "cupy_backends", None)
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda", None)
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs", None)
+    spec = cuda_sources(*_case_args("pointwise_tail"))[0]
+    with pytest.raises(CC.CupyMissing, match="pip install cupy-cuda13x"):
+        CC.launcher(spec, FuseOptions())
+
+
+def _case_args(name):
+    fn, make = CASES[name]
+    return fn, make("cpu")
+
+
+# ---------------------------------------------------------------- launch planning (no GPU)
+
+def test_plan_pointwise_grid_capped_by_device():
+    spec = cuda_sources(*_case_args("pointwise_chain"))[0]
+    dev = CC.DeviceInfo(sm_count=132)
+    grid, block, smem = CC.plan_launch(spec, [1 << 26, 1] + [1, 0] * 3, dev, lambda t, s: 4)
+    assert block == 256 and grid == 132 * 4 and smem == 0
+    grid, block, _ = CC.plan_launch(spec, [10, 3] + [3, 1] * 3, dev)
+    assert grid == 1 and block == 32
+    assert CC.plan_launch(spec, [0, 3] + [3, 1] * 3, dev) is None
+
+
+def test_plan_rows_that_do_not_fit_fall_back():
+    spec = cuda_sources(*_case_args("softmax"))[0]
+    assert spec.launch["cache"] == "reg"
+    dev = CC.DeviceInfo(sm_count=4)
+    meta = [64, 4096] + [4096, 1] * 3
+    grid, block, smem = CC.plan_launch(spec, meta, dev)
+    assert block == spec.launch["threads"] and block * spec.launch["items_per_thread"] >= 4096
+    with pytest.raises(LayoutMismatch):
+        CC.plan_launch(spec, [64, 1 << 20] + [1 << 20, 1] * 3, dev)
+    with pytest.raises(LayoutMismatch):
+        CC.plan_launch(spec, meta, dev, lambda t, s: 0)
+
+
+def test_plan_shared_memory_limit(monkeypatch):
+    monkeypatch.setattr(E, "REG_BUDGET", 0)
+    monkeypatch.setattr(E, "WARP_ROW_MAX", 0)
+    spec = cuda_sources(*_case_args("softmax"))[0]
+    assert spec.launch["cache"] == "smem"
+    meta = [64, 4096] + [4096, 1] * 3
+    _, _, smem = CC.plan_launch(spec, meta, CC.DeviceInfo(4, smem_optin=227 * 1024))
+    assert smem == 4096 * spec.launch["smem_per_elem"]
+    with pytest.raises(LayoutMismatch):
+        CC.plan_launch(spec, meta, CC.DeviceInfo(4, smem_optin=16 * 1024))
+
+
+def test_source_has_no_launch_shape():
+    """Threads and grid come from the runtime; the source holds only the compile-time bound."""
+    spec = cuda_sources(*_case_args("pointwise_chain"))[0]
+    assert "blockDim.x" in spec.source and "gridDim.x" in spec.source
+    assert spec.launch["threads"] <= spec.launch["bound"]
+
+
+# ---------------------------------------------------------------- emulated runs on the CPU
+
+def compile_emulated(fn, used):
+    def compiler(gm, example_inputs):
+        fg = lower(gm)
+        groups = fuse_vertical(fg)
+        kernels = {}
+        for g in groups:
+            if g.is_kernel:
+                spec = emit_cuda(fg, g)
+                launch = cuda_emu.launcher(spec)
+                kernels[g.id] = (spec, launch)
+                used.append((spec, launch))
+        return build_program(fg, groups, kernels, FuseOptions())
+    backend = aot_autograd(fw_compiler=compiler, inference_compiler=compiler,
+                           decompositions=decompositions.table())
+    return torch.compile(fn, backend=backend)
+
+
+def _emulated_check(name):
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not installed")
+    fn, make = CASES[name]
+    used = []
+    compiled = compile_emulated(fn, used)
+    with torch.no_grad():
+        numerics.assert_matches(fn, compiled, make("cpu"))
+    if name != "empty":
+        assert used and all(launch.shapes for _, launch in used), "no CUDA kernel ran"
+    return used
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_emulated_matches_eager(name):
+    _emulated_check(name)
+
+
+@pytest.mark.parametrize("name", ROW_CASES)
+@pytest.mark.parametrize("tier", ["smem", "recompute"])
+def test_emulated_row_cache_tiers(name, tier, monkeypatch):
+    """The row held in shared memory, or recomputed, instead of registers."""
+    monkeypatch.setattr(E, "REG_BUDGET", 0)
+    monkeypatch.setattr(E, "WARP_ROW_MAX", 0)
+    if tier == "recompute":
+        monkeypatch.setattr(E, "SMEM_CACHE_MAX", 0)
+    used = _emulated_check(name)
+    assert any(spec.launch.get("cache") == tier for spec, _ in used) or \
+        all(spec.launch.get("cache") in ("none", tier) for spec, _ in used)
+
+
+# ---------------------------------------------------------------- on the GPU
+
+def _fuse(fn, **options):
+    torch._dynamo.reset()
+    return torch.compile(fn, backend="fuse", options=options or None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gpu_matches_eager(name):
+    fn, make = CASES[name]
+    args = make("cuda")
+    rep = fusebackend.explain(fn, *args, options={"fallback": "error"})
+    if name != "empty":
+        assert rep.num_kernels >= 1 and not rep.fallbacks, str(rep)
+    compiled = _fuse(fn, fallback="error")
+    with torch.no_grad():
+        for _ in range(2):
+            args = make("cuda")
+            numerics.assert_matches(fn, compiled, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ROW_CASES)
+@pytest.mark.parametrize("tier", ["smem", "recompute"])
+def test_gpu_row_cache_tiers(name, tier, monkeypatch):
+    monkeypatch.setattr(E, "REG_BUDGET", 0)
+    monkeypatch.setattr(E, "WARP_ROW_MAX", 0)
+    if tier == "recompute":
+        monkeypatch.setattr(E, "SMEM_CACHE_MAX", 0)
+    fn, make = CASES[name]
+    compiled = _fuse(fn, fallback="error")
+    with torch.no_grad():
+        numerics.assert_matches(fn, compiled, make("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["softmax", "layernorm_gelu_bf16", "broadcast_bias", "transposed",
+                                  "pointwise_misaligned", "var_mean"])
+def test_gpu_cudagraphs(name):
+    fn, make = CASES[name]
+    compiled = _fuse(fn, cudagraphs=True, fallback="error")
+    fixed = make("cuda")
+    with torch.no_grad():
+        for i in range(4):                 # warm-up, capture, replays with new inputs
+            args = make("cuda")
+            numerics.assert_matches(fn, compiled, args)
+        for i in range(2):                 # the same tensors again: no copy, still right
+            numerics.assert_matches(fn, compiled, fixed)
+            fixed[0].normal_()
+            numerics.assert_matches(fn, compiled, fixed)
+
+
+@pytest.mark.gpu
+def test_gpu_cudagraphs_shape_change_recaptures():
+    fn = lambda x: torch.softmax(x * 2, -1)
+    compiled = _fuse(fn, cudagraphs=True, fallback="error")
+    with torch.no_grad():
+        for shape in [(64, 512), (64, 512), (64, 512), (32, 256), (32, 256), (32, 256), (64, 512)]:
+            numerics.assert_matches(fn, compiled, (torch.randn(*shape, device="cuda"),))
+
+
+@pytest.mark.gpu
+def test_gpu_warm_start_hits_disk_cache():
+    fn, make = CASES["softmax"]
+    args = make("cuda")
+    _fuse(fn)(*args)
+    fusebackend.reset()
+    before = dict(CC.stats)
+    with torch.no_grad():
+        numerics.assert_matches(fn, _fuse(fn), args)
+    assert CC.stats["nvrtc"] == before["nvrtc"]
+    assert CC.stats["disk"] > before["disk"]
+
+
+@pytest.mark.gpu
+def test_gpu_noncontiguous_and_broadcast_inputs():
+    fn = lambda x, b, m: torch.softmax(x * 0.5 + b, -1) * m
+    compiled = _fuse(fn, fallback="error")
+    x = torch.randn(512, 300, device="cuda").t()          # non-contiguous
+    b = torch.randn(512, device="cuda")                    # broadcast along rows
+    m = torch.randn(300, 1, device="cuda").expand(300, 512)  # stride-0 broadcast
+    with torch.no_grad():
+        numerics.assert_matches(fn, compiled, (x, b, m))
+
+
+@pytest.mark.gpu
+def test_gpu_cudagraphs_inputs_captured_in_place():
+    """A tensor passed again (a parameter) is read in place, in-place updates show; new storage recaptures."""
+    fn = lambda x, w: F.layer_norm(x, (256,), w) * 2
+    compiled = _fuse(fn, cudagraphs=True, fallback="error")
+    w = torch.randn(256, device="cuda")
+    with torch.no_grad():
+        for i in range(4):
+            numerics.assert_matches(fn, compiled, (torch.randn(64, 256, device="cuda"), w))
+            w.mul_(1.5)                        # an optimizer step, in place
+        w2 = torch.randn(256, device="cuda")   # other storage: copied from now on
+        for i in range(3):
+            numerics.assert_matches(fn, compiled, (torch.randn(64, 256, device="cuda"), w2))
+            w2.add_(1.0)
