@@ -189,7 +189,7 @@ def format_table(rows, columns):
     A cell whose measurement raised (row has `<group>_error`) shows ERROR; an 'err' cell whose result was
     beyond tolerance (row[`<group>_ok`] is False) shows ERROR(value). Exceptions are listed under the table.
     """
-    fmt = {"ms": "%.4f", "ratio": "%.2f", "s": "%.2f", "err": "%.1e"}
+    fmt = {"ms": "%.4f", "ratio": "%.2f", "s": "%.2f", "err": "%.1e", "n": "%d"}
 
     def cell(row, key, kind, group):
         if row.get(key) is not None:

@@ -60,7 +60,7 @@ def _boxed_program(program):
 def _sizes_evaluable(fg) -> bool:
     """Every symbolic dim is plain arithmetic on symbols the graph receives as inputs."""
     from .runtime.symbols import SymbolEval
-    sym = SymbolEval(fg.symbols)
+    sym = SymbolEval(fg.symbols, fg.symbol_sources)
     metas = [n.meta for n in fg.nodes() if n.meta is not None]
     return all(sym.can_eval(d) for m in metas for d in tuple(m.shape) + tuple(m.stride))
 

@@ -28,6 +28,8 @@ class GraphReport:
 
     @property
     def num_aten_calls(self) -> int:
+        if not self.groups:              # the whole graph fell back: every op is an ATen call
+            return sum(1 for n in self.graph.nodes() if n.kind not in ("placeholder", "symbol", "view"))
         fused = sum(len(g.nodes) for g in self.groups if g.is_kernel and g.fallback_reason)
         return fused + sum(1 for g in self.groups if g.kind == "opaque")
 

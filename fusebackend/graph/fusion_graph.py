@@ -86,6 +86,7 @@ class FusionGraph:
         self.inputs: list[str] = []      # placeholder names in call order
         self.outputs: list = []          # Ref, None or python constants, in output order
         self.symbols: dict = {}          # symbol text (e.g. 's0') -> SymInt placeholder providing it
+        self.symbol_sources: dict = {}   # data-dependent symbol -> (node, item, dim) whose size it is
 
     def add(self, node: OpNode, deps=()):
         node.index = self.g.number_of_nodes()

@@ -83,7 +83,21 @@ def lower(gm: fx.GraphModule) -> FusionGraph:
             fg.outputs = list(_refs(tuple(outs) if isinstance(outs, (list, tuple)) else (outs,), alias))
         else:
             raise NotImplementedError("FX node kind %r (%s) is not supported" % (n.op, n.format_node()))
+    _unbacked_sources(fg)
     return fg
+
+
+def _unbacked_sources(fg: FusionGraph) -> None:
+    """Symbols no input provides (data-dependent sizes, e.g. after nonzero): read off the first value
+    whose shape has that symbol as a dim, once it exists at run time."""
+    for node in fg.nodes():
+        metas = [(None, node.meta)] if node.meta is not None else list(enumerate(node.multi_meta or ()))
+        for item, meta in metas:
+            if meta is None:
+                continue
+            for d, size in enumerate(meta.shape):
+                if isinstance(size, str) and size.isidentifier() and size not in fg.symbols:
+                    fg.symbol_sources.setdefault(size, (node.name, item, d))
 
 
 def _first_device(fg, deps):

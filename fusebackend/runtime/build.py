@@ -20,7 +20,7 @@ def compile_kernel(spec, opts):
 
 def build_program(fg, groups, kernels, opts, batches=()) -> Program:
     steps = []
-    sym = SymbolEval(fg.symbols)
+    sym = SymbolEval(fg.symbols, fg.symbol_sources)
     for g in groups:
         nodes = [fg.node(n) for n in g.nodes]
         if g.id in kernels:
