@@ -6,8 +6,19 @@ from dataclasses import dataclass
 from typing import Optional
 
 
-class OptionError(ValueError):
-    pass
+try:   # Dynamo wraps backend errors in BackendCompilerFailed, except those of this class: let ours through
+    from torch._dynamo.exc import ShortenTraceback as _PassThrough
+except ImportError:  # pragma: no cover - other torch versions
+    class _PassThrough(Exception):
+        def __init__(self, *args, first_useful_frame=None):
+            super().__init__(*args)
+
+
+class OptionError(ValueError, _PassThrough):
+    """A bad option or option value; raised as itself from torch.compile(..., backend="fuse", options=...)."""
+
+    def __init__(self, message: str):
+        _PassThrough.__init__(self, message, first_useful_frame=None)
 
 
 @dataclass(frozen=True)

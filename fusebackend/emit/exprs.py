@@ -80,7 +80,10 @@ class ExprBuilder:
         return node.meta if ref.item is None else (node.multi_meta or (None,) * (ref.item + 1))[ref.item]
 
     def offset(self, op: Operand, idx: tuple) -> str:
-        if self.flat_index is not None and op.meta.contiguous:
+        # the linear index only addresses an operand spanning the whole domain at the un-remapped index
+        # (a broadcast operand, e.g. a 0-dim tensor, or one read through a slice view is indexed by strides)
+        if (self.flat_index is not None and op.meta.contiguous and tuple(op.meta.shape) == tuple(self.group.domain)
+                and all(e == "i%d" % d or (e == "0" and s == 1) for d, (e, s) in enumerate(zip(idx, op.meta.shape)))):
             op.flat = True
             return self.flat_index
         terms = []
@@ -158,6 +161,10 @@ class ExprBuilder:
                 v = self.value(o, project(idx, self.meta_of(o).shape))
                 args.append(v if self.ctype_of(o) == want else "(%s)%s" % (want, v))
             else:
+                if pw.template in COMPARE and not isinstance(o, bool):
+                    dt = self.operand_dtype(pw, out_dtype)
+                    if dt in HALF:      # eager compares with the scalar rounded to the tensor's type (h < 0.1)
+                        o = torch.tensor(o, dtype=dt).item()
                 args.append(C.literal(o, want))
         expr = "fb::%s::exec(%s)" % (pw.template, ", ".join(args))
         if pw.template == "Identity" and out_dtype in HALF and pw.operands and isinstance(pw.operands[0], Ref):
@@ -171,8 +178,11 @@ class ExprBuilder:
         return C.compute(self.meta_of(ref).dtype)
 
     def operand_type(self, pw, out_dtype) -> str:
+        return C.compute(self.operand_dtype(pw, out_dtype))
+
+    def operand_dtype(self, pw, out_dtype):
         if pw.template not in COMPARE:
-            return C.compute(out_dtype)
+            return out_dtype
         dts = [self.meta_of(o).dtype for o in pw.operands if isinstance(o, Ref)]
         dt = dts[0] if dts else torch.float32
         for d in dts[1:]:
@@ -182,7 +192,7 @@ class ExprBuilder:
             dt = torch.float32
         elif any(isinstance(s, int) and not isinstance(s, bool) for s in scalars) and dt == torch.bool:
             dt = torch.int64
-        return C.compute(dt)
+        return dt
 
     def view(self, node, idx: tuple) -> str:
         src = node.args[0]

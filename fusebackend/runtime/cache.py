@@ -13,12 +13,21 @@ import os
 import tempfile
 
 
+class CacheDirError(OSError):
+    """The kernel cache folder cannot be created or written; the message names where its path came from."""
+
+
 def cache_dir(override: str | None = None) -> str:
-    path = override or os.environ.get("FUSEBACKEND_CACHE_DIR")
+    path, source = override, "option cache_dir"
+    if not path:
+        path, source = os.environ.get("FUSEBACKEND_CACHE_DIR"), "$FUSEBACKEND_CACHE_DIR"
     if not path:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        path = os.path.join(base, "fusebackend")
-    os.makedirs(path, exist_ok=True)
+        path, source = os.path.join(base, "fusebackend"), "the default ($XDG_CACHE_HOME or ~/.cache)"
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise CacheDirError("kernel cache folder %r (from %s) is not usable: %s" % (path, source, e)) from e
     return path
 
 

@@ -31,10 +31,18 @@ _lock = threading.Lock()
 _compiler_id: dict = {}
 
 
+INSTALL_HINT = "install g++ (e.g. `apt-get install g++`) or set CXX to a C++ compiler"
+
+
 def compiler() -> str:
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    env = os.environ.get("CXX")
+    if env:
+        if shutil.which(env) is None:
+            raise CompilerMissing("CXX=%r is not an executable C++ compiler: %s" % (env, INSTALL_HINT))
+        return env
+    cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if not cxx:
-        raise CompilerMissing("no C++ compiler found: install g++ (e.g. `apt-get install g++`) or set CXX")
+        raise CompilerMissing("no C++ compiler found: %s" % INSTALL_HINT)
     return cxx
 
 
@@ -56,9 +64,14 @@ def _identity(cxx: str) -> str:
                 cpu = next((l for l in f if l.startswith("flags")), "")
         except OSError:
             pass
-        headers = "".join(open(p).read() for p in sorted(glob.glob(os.path.join(INCLUDE, "*.h"))))
+        headers = "".join(_read(p) for p in sorted(glob.glob(os.path.join(INCLUDE, "*.h"))))
         _compiler_id[cxx] = cache.digest(ver, cpu, headers, FLAGS)
     return _compiler_id[cxx]
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def build(source: str, name: str, cache_dir: str | None = None):
@@ -71,13 +84,27 @@ def build(source: str, name: str, cache_dir: str | None = None):
     root = os.path.join(cache.cache_dir(cache_dir), "cpu")
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, "%s_%s.so" % (name, key))
-    with cache.locked(path):
+    with cache.locked(path):             # loaded under the lock: no writer replaces the entry meanwhile
         if cache.load_verified(path) is None:
             _compile(cxx, source, path)
-    lib = ctypes.CDLL(path)
+        lib = _load(path, name)
+        if lib is None:                  # intact checksum, yet not a loadable library: rebuild it once
+            _compile(cxx, source, path)
+            lib = _load(path, name)
+        if lib is None:
+            raise CompileFailed("the compiled kernel library %s cannot be loaded" % path)
     with _lock:
         _loaded[key] = lib
     return lib
+
+
+def _load(path: str, name: str):
+    try:
+        lib = ctypes.CDLL(path)
+        getattr(lib, name)
+        return lib
+    except (OSError, AttributeError):
+        return None
 
 
 def _compile(cxx: str, source: str, path: str) -> None:
@@ -86,7 +113,10 @@ def _compile(cxx: str, source: str, path: str) -> None:
         with open(src, "w") as f:
             f.write(source)
         cmd = [cxx, *FLAGS, "-I", INCLUDE, src, "-o", out, *_omp_link_flags()]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:             # the compiler vanished or is not executable
+            raise CompilerMissing("cannot run the C++ compiler %r (%s): %s" % (cxx, e, INSTALL_HINT)) from e
         if res.returncode != 0:
             raise CompileFailed("C++ compile failed:\n" + res.stderr[-4000:])
         with open(out, "rb") as f:

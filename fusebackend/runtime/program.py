@@ -36,8 +36,19 @@ class FallbackStep:
     def __init__(self, nodes, reason):
         self.steps = [AtenStep(n) for n in nodes]
         self.reason = reason
-        warnings.warn("fusebackend: a fused group fell back to ATen (%s)" % reason.splitlines()[0], stacklevel=3)
+        warnings.warn("fusebackend: a fused group fell back to ATen (%s)" % _summary(reason), stacklevel=3)
 
     def __call__(self, env):
         for s in self.steps:
             s(env)
+
+
+def _summary(reason: str) -> str:
+    """The reason's first line; for a compiler's output ('...failed:' then its log), also its first error."""
+    lines = [l.strip() for l in reason.splitlines() if l.strip()]
+    if not lines:
+        return "no reason given"
+    if lines[0].endswith(":") and len(lines) > 1:
+        err = next((l for l in lines[1:] if "error" in l), lines[1])
+        return "%s %s" % (lines[0], err[:300])
+    return lines[0]

@@ -53,6 +53,10 @@ FB_UNARY(Cube, a * a * a)
 FB_UNARY(BitwiseNot, ~a)
 #undef FB_UNARY
 
+// abs(-0.0) is +0.0 (a < 0 ? -a : a would keep the sign of a negative zero)
+template <> FB_HD float Abs::exec<float>(float a) { return fabsf(a); }
+template <> FB_HD double Abs::exec<double>(double a) { return fabs(a); }
+
 struct LogicalNot { template <class T> FB_FN bool exec(T a) { return !a; } };
 struct IsNan { template <class T> FB_FN bool exec(T a) { return a != a; } };
 struct IsInf { template <class T> FB_FN bool exec(T a) { return a == (T)inf_f() || a == -(T)inf_f(); } };
@@ -64,10 +68,11 @@ FB_BINARY(Add, T, a + b)
 FB_BINARY(Sub, T, a - b)
 FB_BINARY(Mul, T, a * b)
 FB_BINARY(Div, T, a / b)
-FB_BINARY(Maximum, T, isnan_(a) ? a : (isnan_(b) ? b : (a > b ? a : b)))
-FB_BINARY(Minimum, T, isnan_(a) ? a : (isnan_(b) ? b : (a < b ? a : b)))
-FB_BINARY(Fmax, T, isnan_(a) ? b : (isnan_(b) ? a : (a > b ? a : b)))
-FB_BINARY(Fmin, T, isnan_(a) ? b : (isnan_(b) ? a : (a < b ? a : b)))
+// ties (including -0.0 vs 0.0) return the first operand, as ATen's maximum/minimum/fmax/fmin do
+FB_BINARY(Maximum, T, isnan_(a) ? a : (isnan_(b) ? b : (a < b ? b : a)))
+FB_BINARY(Minimum, T, isnan_(a) ? a : (isnan_(b) ? b : (b < a ? b : a)))
+FB_BINARY(Fmax, T, isnan_(a) ? b : (isnan_(b) ? a : (a < b ? b : a)))
+FB_BINARY(Fmin, T, isnan_(a) ? b : (isnan_(b) ? a : (b < a ? b : a)))
 FB_BINARY(Eq, bool, a == b)
 FB_BINARY(Ne, bool, a != b)
 FB_BINARY(Lt, bool, a < b)

@@ -1,0 +1,64 @@
+"""Regression tests for the bugs the graph fuzzer found (tests/fuzz/test_fuzz_graphs.py): each is the shrunk
+case, written as a plain function, compared with eager by the fuzzer's own rules."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fuzzcheck
+from graphgen import Case, InputSpec
+
+
+def _exact(fn, *args):
+    """Bit-exact comparison, signed zeros included (1/x turns -0.0 vs 0.0 into -inf vs inf)."""
+    got = torch.compile(fn, backend="fuse")(*args)
+    ref = fn(*args)
+    got, ref = (got, ref) if isinstance(ref, tuple) else ((got,), (ref,))
+    for g, r in zip(got, ref):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        assert torch.equal(g, r) or torch.allclose(g.double(), r.double(), rtol=1e-6, atol=0, equal_nan=True), \
+            (g, r)
+        if g.is_floating_point():
+            assert torch.equal(torch.signbit(g), torch.signbit(r)), (g, r)
+
+
+# 1. A one-dimensional domain took the linear index for every contiguous operand, so a broadcast operand
+#    (a 0-dim or 1-element tensor) was read past its end and a slice view's remapped index was ignored.
+@pytest.mark.parametrize("name", ["0-dim int divisor", "1-element factor", "slice view", "select of 2-d"])
+def test_rank1_domain_broadcast_and_views(name):
+    fn, args = {
+        "0-dim int divisor": (lambda x, s: torch.pow(x / s, 3), (torch.randn(16), torch.tensor(3))),
+        "1-element factor": (lambda x, s: x * s + 1, (torch.randn(33), torch.randn(1))),
+        "slice view": (lambda x: x[1::2] * 2 + 1, (torch.randn(9),)),
+        "select of 2-d": (lambda x: torch.exp(x[2]) * 0.5, (torch.randn(5, 7),)),
+    }[name]
+    _exact(fn, *args)
+
+
+# 2. abs(-0.0) was -0.0; maximum/minimum/fmax/fmin returned the second operand on ties (-0.0 vs 0.0), eager
+#    the first. Seen through rsqrt/reciprocal as -inf instead of inf.
+def test_signed_zero_abs_and_min_max_ties():
+    z = torch.tensor([-0.0, 0.0, -0.0, 0.0, -1.5, 2.0])
+    o = torch.tensor([0.0, -0.0, -0.0, 0.0, 2.0, -1.5])
+    _exact(lambda a, b: (torch.rsqrt(torch.abs(a)), 1 / torch.maximum(a, b), 1 / torch.minimum(a, b),
+                         1 / torch.fmax(a, b), 1 / torch.fmin(a, b)), z, o)
+
+
+# 3. A half tensor compared with a Python float: eager rounds the scalar to the tensor's type first
+#    (h == 0.1 is True for h = half(0.1)); the kernel compared with the float 0.1.
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_compare_with_unrepresentable_scalar(dtype):
+    h = torch.tensor([0.1, 0.2, 0.3, 1.0 / 3.0, -0.1], dtype=dtype)
+    _exact(lambda x: (x < 0.1, x == 0.1, x >= 0.3, x != 1.0 / 3.0, torch.where(x > -0.1, x * 2, x)), h)
+
+
+def test_fuzz_case_int_scalar_tensor_and_bf16_cast():
+    """The first fuzzer failure, as it was shrunk (a 0-dim int64 argument in a 1-d pointwise group)."""
+    case = Case(
+        inputs=[InputSpec((16,), torch.float32, "contig", (), "grid", 1.0, False),
+                InputSpec((16,), torch.float32, "contig", (), "wide", 1.0, False),
+                InputSpec((), torch.int64, "contig", (), "randn", 1.0, False),
+                InputSpec((16,), torch.float32, "expanded", (0,), "wide", 1.0, True)],
+        lines=["v1 = a0 / a2", "v2 = torch.pow(v1, 3)", "v3 = v1 - a1", "v4 = 0 - a2",
+               "v5 = torch.minimum(a1, v1)", "v6 = v5.to(torch.bfloat16)"],
+        outputs=["v2", "v3", "v4", "v6"], half_path={"v6": True}, seed=546)
+    fuzzcheck.run_case(case)
