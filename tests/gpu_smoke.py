@@ -123,10 +123,31 @@ def main():
                                                           for k in info]), flush=True)
         del args, ref, out
 
-    # emitter variants of the row kernels (same run, same card)
-    for unroll in (32, 8):
-        saved = E.MAX_UNROLL
-        E.MAX_UNROLL = unroll
+    # pointwise variants (same run, same card): bytes per thread per chunk, grid cap in waves
+    name, fn, make, nbytes = next(iter(workloads()))
+    args = make()
+    for vb, waves in [(16, 1), (32, 1), (16, 4), (32, 4), (16, 0), (32, 0)]:
+        saved = E.PW_VEC_BYTES, CC.PW_WAVES
+        E.PW_VEC_BYTES, CC.PW_WAVES = vb, waves
+        try:
+            with torch.no_grad():
+                CC.live_kernels.clear()
+                c, out, cold = fuse_compile(fn, args)
+                info = kernel_info()
+                t = wall_ms(c, args)
+                err = rel_err(out, fn(*args))
+        finally:
+            E.PW_VEC_BYTES, CC.PW_WAVES = saved
+        results["variants"].append(dict(name=name, pw_vec_bytes=vb, waves=waves, fuse=t, rel_err=err, kernels=info))
+        print("variant PW_VEC_BYTES=%d PW_WAVES=%d %-28s fuse %.3f ms (floor %.3f) err %.1e %s"
+              % (vb, waves, name, t, nbytes / COPY_BW * 1e3, err, [(k["grid"], k["block"], k["regs"]) for k in info]),
+              flush=True)
+    del args
+
+    # row-kernel variants: 16 or 32 bytes per thread per chunk
+    for vb in (32,):
+        saved = E.VEC_BYTES
+        E.VEC_BYTES = vb
         try:
             for name, fn, make, nbytes in list(workloads())[1:]:
                 args = make()
@@ -136,14 +157,13 @@ def main():
                     info = kernel_info()
                     t = wall_ms(c, args)
                     err = rel_err(out, fn(*args))
-                results["variants"].append(dict(name=name, max_unroll=unroll, fuse=t, rel_err=err, cold_s=cold,
+                results["variants"].append(dict(name=name, vec_bytes=vb, fuse=t, rel_err=err, cold_s=cold,
                                                 kernels=info))
-                print("variant MAX_UNROLL=%-3d %-32s fuse %.3f ms cold %.2fs err %.1e %s"
-                      % (unroll, name, t, cold, err, [(k["grid"], k["block"], k["regs"]) for k in info]),
-                      flush=True)
+                print("variant VEC_BYTES=%d %-32s fuse %.3f ms cold %.2fs err %.1e %s"
+                      % (vb, name, t, cold, err, [(k["grid"], k["block"], k["regs"]) for k in info]), flush=True)
                 del args, out
         finally:
-            E.MAX_UNROLL = saved
+            E.VEC_BYTES = saved
 
     # per-call overhead on a tiny input
     fn = lambda x, y: torch.relu(x * 2 + y)

@@ -35,7 +35,8 @@ HEADER = '#include "fb_cuda.h"\n'
 MAX_PARAM_BYTES = 4000      # the classic kernel-parameter limit (4 KiB), with room to spare
 PW_THREADS = 256            # preferred threads per block, pointwise
 PW_BOUND = 512              # __launch_bounds__ of pointwise kernels (the runtime never exceeds it)
-VEC_BYTES = 16              # widest access per thread
+VEC_BYTES = 16              # bytes per thread per chunk, row reductions (one 16-byte access per operand)
+PW_VEC_BYTES = 16           # bytes per thread per chunk, pointwise (32: two 16-byte accesses per operand)
 MAX_VEC = 16                # elements per thread per chunk
 REG_BUDGET = 64             # 32-bit registers per thread for row values cached between phases
 MAX_UNROLL = 16             # unrolled elements per thread when the row is cached in registers
@@ -107,6 +108,11 @@ class CudaBuilder(ExprBuilder):
     def _op(self, ref):
         return self.by_key.get(ref) or self.by_key.get(Ref(ref.name))
 
+    def emit(self, line: str):
+        # float -> bf16 through the chip's conversion instruction (fb_cuda.h), not fb_core.h's bit arithmetic
+        self.lines.append(line.replace("fb::st<fb::bf16>(", "fb::cu_st_bf16(")
+                          .replace("fb::round_bf16(", "fb::cu_round_bf16("))
+
     def load(self, ref: Ref, idx: tuple) -> str:
         v = self.vec
         op = self._op(ref) if v is not None else None
@@ -149,10 +155,11 @@ def _static_int(v):
     return v if isinstance(v, int) else None
 
 
-def _vec_width(b: ExprBuilder, inner) -> int:
-    """Elements per chunk: 16 bytes of the narrowest operand, halved until it divides the inner size."""
+def _vec_width(b: ExprBuilder, inner, nbytes: int | None = None) -> int:
+    """Elements per chunk: nbytes of the narrowest operand, halved until it divides the inner size."""
+    nbytes = VEC_BYTES if nbytes is None else nbytes
     sizes = [op.meta.dtype.itemsize for op in b.operands]
-    v = max(1, min(MAX_VEC, VEC_BYTES // min(sizes))) if sizes else 1
+    v = max(1, min(MAX_VEC, nbytes // min(sizes))) if sizes else 1
     if not isinstance(inner, int) or inner <= 0:
         return 1
     while v > 1 and inner % v:
@@ -228,9 +235,9 @@ def emit_pointwise(fg: FusionGraph, group) -> KernelSource:
             inner = inner * s if isinstance(s, int) else None
             if inner is None:
                 break
-        V = max(1, min(MAX_VEC, VEC_BYTES // min(op.meta.dtype.itemsize for op in probe.operands)))
+        V = max(1, min(MAX_VEC, PW_VEC_BYTES // min(op.meta.dtype.itemsize for op in probe.operands)))
     else:
-        V = _vec_width(probe, group.domain[-1] if rank else 1)
+        V = _vec_width(probe, group.domain[-1] if rank else 1, PW_VEC_BYTES)
     b = CudaBuilder(fg, group, flat_index="li" if flat else None)
     L = rank - 1
     idx = tuple("i%d" % d for d in range(rank))

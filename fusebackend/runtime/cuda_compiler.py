@@ -28,6 +28,7 @@ INSTALL_HINT = "pip install cupy-cuda13x"
 BASE_OPTIONS = ("-std=c++17",)
 STATIC_SMEM = 512               # bytes of static shared memory a block-per-row kernel may use (fb_scratch)
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+PW_WAVES = 1                    # pointwise grid cap, in full waves of resident blocks (0: one chunk a thread)
 
 
 class CupyMissing(RuntimeError):
@@ -205,7 +206,8 @@ def plan_launch(spec, meta, dev: DeviceInfo, occupancy=None):
     if per_sm <= 0:
         raise LayoutMismatch("kernel cannot be resident with %d threads and %d bytes of shared memory"
                              % (threads, smem))
-    grid = max(1, min(need, dev.sm_count * per_sm))
+    waves = PW_WAVES if shape == "pointwise" else 1
+    grid = max(1, min(need, dev.sm_count * per_sm * waves) if waves > 0 else need)
     return grid, threads, smem
 
 

@@ -8,11 +8,12 @@ Inputs: an input passed with the same storage on calls 1 and 2 (a parameter, a b
 captured in place and never copied; if a later call passes other storage for it, it gets a static buffer of
 its own and the graph is captured again (once). Every other input is copied into its static buffer before
 each replay, unless the caller passes that buffer itself. A change of shape, stride or dtype captures anew
-(the earlier graph's memory pool is shared).
+(the earlier graph and its pool are dropped).
 
 Outputs: the static output tensors of the graph are returned, not copies, as Inductor's CUDA graphs do: the
 next call of the same compiled graph overwrites them. Clone what must outlive the next call (set
-`clone_outputs = True` on the program to have every output cloned).
+`clone_outputs = True` on the program to have every output cloned). Each capture has its own private
+memory pool (a pool shared with a graph that is later dropped trips an allocator assertion in PyTorch).
 
 A program that cannot be captured (CPU work, host synchronisation) runs uncaptured from then on, with one
 warning.
@@ -49,7 +50,6 @@ class CudaGraphProgram:
         self.program = program
         self.clone_outputs = False
         self.disabled = False
-        self.pool = None
         self._reset(None)
 
     # state of one input signature
@@ -109,12 +109,11 @@ class CudaGraphProgram:
             else:
                 static.append(a)
         self.in_place_ptrs = {i: args[i].data_ptr() for i in self.in_place}
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
+        self.graph = None               # the previous graph (if any) goes with its own private pool
         try:
             torch.cuda.synchronize()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph):
                 outs = self.program(list(static))
         except Exception as e:
             warnings.warn("fusebackend: CUDA graph capture failed (%s: %s); this graph runs uncaptured"

@@ -64,6 +64,19 @@ template <int N, class T> FB_DEV bool vec_aligned(const T* p) {
   return (reinterpret_cast<uint64_t>(p) % VAlign<(int)sizeof(T) * N>::value) == 0;
 }
 
+// float -> bfloat16 in one instruction where the chip has it (sm_80+); the portable bit arithmetic of
+// fb_core.h otherwise. Both round to nearest even; only a NaN's payload may differ.
+FB_DEV bf16 cu_st_bf16(float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  bf16 r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.x) : "f"(v));
+  return r;
+#else
+  return to_bf16(v);
+#endif
+}
+FB_DEV float cu_round_bf16(float v) { return to_float(cu_st_bf16(v)); }
+
 // Warp shuffles for every compute type (bool travels as int).
 FB_DEV float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
 FB_DEV double shfl_xor(double v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
