@@ -67,7 +67,7 @@ def emit_reduction(fg: FusionGraph, group) -> KernelSource:
 
     def hook(ref_key, at):
         name = ref_key[0]
-        if plan.per_row(_ref(ref_key)):
+        if plan.per_row(_ref(ref_key), at):
             mk = (name, at)
             if mk not in row_memo:
                 saved = b.lines, b.hook

@@ -7,6 +7,8 @@ softmax or a layer norm reads its input from memory once.
 """
 from __future__ import annotations
 
+import re
+
 from ..graph.fusion_graph import FusionGraph, Ref
 from ..passes.shapes import is_per_row
 
@@ -30,8 +32,16 @@ class RowPlan:
     def key(self, ref):
         return (ref.name, ref.item) if isinstance(ref, Ref) else (ref, None)
 
-    def per_row(self, ref) -> bool:
-        return is_per_row(self.meta_of(ref).shape, self.domain, self.rdims)
+    def per_row(self, ref, at=None) -> bool:
+        """Constant along the reduced dims (computed once per row). `at`, the index a value is read at, rules
+        out a read through a view: x[1, 1030] transposed to [1030, 1] and reduced over dim 0 has a per-row
+        shape but is read at a reduced index."""
+        if not is_per_row(self.meta_of(ref).shape, self.domain, self.rdims):
+            return False
+        if at is not None:
+            used = {int(d) for d in re.findall(r"\bi(\d+)\b", " ".join(at))}
+            return not (used & set(self.rdims))
+        return True
 
     def red_input(self, name) -> Ref:
         return self.fg.node(name).args[0]

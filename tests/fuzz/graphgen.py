@@ -313,6 +313,13 @@ class Builder:
             return None
         return float(bound)
 
+    @staticmethod
+    def zs(v: Val) -> str:
+        """v's name, or `(v + 0.0)` for an inexact float: a zero whose sign differs between two correct formulas
+        (x - mean is +0 in one, -0 in the other) must not reach 1/x, rsqrt or atan2, which turn the sign into
+        -inf vs inf or -pi vs pi. Adding +0.0 makes every zero +0 in eager and in the kernel alike."""
+        return v.name if v.exact or not _isfloat(v) else "(%s + 0.0)" % v.name
+
     def pick(self, pred=lambda v: True, prefer_recent=True):
         cands = [v for v in self.vals if pred(v)]
         if not cands:
@@ -332,7 +339,8 @@ class Builder:
         name = self.choice(sorted(SMOOTH))
         expr, bfn = SMOOTH[name]
         bound = bfn(a.bound) if (bfn and a.bound is not None) else None
-        return self.new(expr.format(a.name), [a], False, bound, half_op=True, makes_nonfinite=name in MAKES_NONFINITE)
+        arg = self.zs(a) if name in ("rsqrt", "reciprocal") else a.name
+        return self.new(expr.format(arg), [a], False, bound, half_op=True, makes_nonfinite=name in MAKES_NONFINITE)
 
     def op_exact_unary(self):
         name = self.choice(sorted(EXACT_UNARY))
@@ -386,7 +394,8 @@ class Builder:
             s = self.choice(SCALARS_I if isint and self.d(st.booleans()) else SCALARS_F)
             if name == "div" and s == 0:
                 return False
-            expr = BINARY_ARITH[name].format(*((a.name, _fmt(s)) if fam == "scalar" else (_fmt(s), a.name)))
+            expr = BINARY_ARITH[name].format(*((a.name, _fmt(s)) if fam == "scalar" else
+                                              (_fmt(s), self.zs(a) if name == "div" else a.name)))
             exact = a.exact and not (name == "div")
             bound = _arith_bound(name, a.bound, abs(s)) if fam == "scalar" or name != "div" else None
             if isint and isinstance(s, int) and name != "div" and (bound is None or bound > 2 ** 30):
@@ -410,7 +419,8 @@ class Builder:
                     bound *= 2
                 if intres and (bound is None or bound > 2 ** 30):
                     return False
-            return self.new(BINARY_ARITH[name].format(a.name, b.name), [a, b], a.exact and b.exact, bound,
+            bname = self.zs(b) if name == "div" else b.name
+            return self.new(BINARY_ARITH[name].format(a.name, bname), [a, b], a.exact and b.exact, bound,
                             half_op=True, makes_nonfinite=name == "div")
         if fam == "select":
             name = self.choice(sorted(BINARY_SELECT))
@@ -421,7 +431,7 @@ class Builder:
                 return False
             name = self.choice(sorted(BINARY_SMOOTH))
             bound = 3.2 if name == "atan2" else None
-            return self.new(BINARY_SMOOTH[name].format(a.name, b.name), [a, b], False, bound, half_op=True)
+            return self.new(BINARY_SMOOTH[name].format(self.zs(a), self.zs(b)), [a, b], False, bound, half_op=True)
         # discontinuous: exact operands only; integer divisors are made non-zero
         if not (a.exact and b.exact) or torch.bool in (a.dtype, b.dtype):
             return False
@@ -538,6 +548,8 @@ class Builder:
         if not _summable(a, n, squares=True):
             return False
         if kind == "var_mean":
+            if a.nonfinite:     # eager's Welford mean is NaN or Inf depending on where an Inf sits in the row
+                return False
             return self.new("torch.var_mean(%s, %r, correction=%d, keepdim=%r)" % (a.name, dim_arg, corr, keep),
                             [a], False, a.bound * a.bound, half_op=True, n_out=2, makes_nonfinite=True,
                             sums=True)

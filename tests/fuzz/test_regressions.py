@@ -62,3 +62,17 @@ def test_fuzz_case_int_scalar_tensor_and_bf16_cast():
                "v5 = torch.minimum(a1, v1)", "v6 = v5.to(torch.bfloat16)"],
         outputs=["v2", "v3", "v4", "v6"], half_path={"v6": True}, seed=546)
     fuzzcheck.run_case(case)
+
+
+# 4. A row kernel decided "computed once per row" from a value's shape alone: an input of shape [1, n] read
+#    through a transpose ([n, 1], reduced over dim 0) has a per-row shape, so its load was hoisted out of the
+#    loop over the reduced index (and the kernel did not compile: the index variable did not exist there).
+def test_row_kernel_reads_a_transposed_input_inside_the_row_loop():
+    def f(x):
+        t = x.transpose(0, 1)                   # [1030, 1]
+        ls = torch.log_softmax(t, -2)
+        return torch.amin(torch.clamp_min(ls, -0.5), (0, 1)), ls
+    x = torch.randn(1, 1030) * 3
+    got, ref = torch.compile(f, backend="fuse")(x), f(x)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
