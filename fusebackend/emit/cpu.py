@@ -1,6 +1,8 @@
 """C++/OpenMP kernels for CPU tensors: the pointwise and the row-reduction shape."""
 from __future__ import annotations
 
+import torch
+
 from ..graph.fusion_graph import FusionGraph
 from . import ctypes_map as C
 from .common import check_supported, delinearize, indent, kernel_name, preamble, product
@@ -96,8 +98,8 @@ def emit_reduction(fg: FusionGraph, group) -> KernelSource:
         accs = []
         for r in reds:
             v = b.value(plan.red_input(r), idx)
-            acc_t = C.compute(fg.node(r).meta.dtype)
             red_op = _red_op(fg, r)
+            acc_t = _acc_type(fg.node(r).meta.dtype, red_op)
             b.emit("a_%s = fb::%s::combine(a_%s, (%s)%s);" % (r, RED_T[red_op], r, acc_t, v))
             accs.append((r, acc_t, red_op))
         if p == plan.num_levels:
@@ -112,7 +114,8 @@ def emit_reduction(fg: FusionGraph, group) -> KernelSource:
         for r, acc_t, red_op in accs:
             if red_op == "mean":
                 row.append("a_%s = a_%s / (%s)R;" % (r, r, acc_t))
-            b.reduction_value[r] = "a_%s" % r
+            ct = C.compute(fg.node(r).meta.dtype)
+            b.reduction_value[r] = "a_%s" % r if acc_t == ct else "((%s)a_%s)" % (ct, r)
     end = []
     state.update(pre=end, phase=plan.num_phases)
     b.lines = end
@@ -143,6 +146,15 @@ def _red_op(fg, name) -> str:
     from ..graph import registry
     node = fg.node(name)
     return registry.normalize_reduction(node.target, node.args, node.kwargs).op
+
+
+def _acc_type(dtype, red_op) -> str:
+    """A float32 mean adds in double: the mean of a constant row is then exactly that constant (as ATen's
+    Welford mean is), so x - mean is exactly 0 and a layer norm of a constant row is 0, not rounding noise
+    amplified by rsqrt(var + eps)."""
+    if red_op == "mean" and dtype == torch.float32:
+        return "double"
+    return C.compute(dtype)
 
 
 def _simd_pragma(accs) -> str:
