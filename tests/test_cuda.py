@@ -67,6 +67,7 @@ CASES = {
                        lambda d: (_t(64, 256, device=d), _t(256, device=d), _t(64, 1, device=d))),
     "transposed": (lambda x, y: x.t() * y + 1, lambda d: (_t(256, 64, device=d), _t(64, 256, device=d))),
     "sliced": (lambda x: torch.exp(x[:, ::2]) + x[:, 1::2], lambda d: (_t(64, 256, device=d),)),
+    "sliced_1d": (lambda x: (x[2:8] * 2).exp(), lambda d: (_t(10, device=d),)),
     "softmax": (lambda x, m: torch.softmax(x * 0.125 + m, -1),
                 lambda d: (_t(64, 4096, device=d), _t(64, 4096, device=d))),
     "softmax_short": (lambda x: torch.softmax(x, -1), lambda d: (_t(300, 100, device=d),)),
@@ -201,10 +202,14 @@ def _case_args(name):
 
 # ---------------------------------------------------------------- launch planning (no GPU)
 
-def test_plan_pointwise_grid_capped_by_device():
+def test_plan_pointwise_grid(monkeypatch):
     spec = cuda_sources(*_case_args("pointwise_chain"))[0]
     dev = CC.DeviceInfo(sm_count=132)
-    grid, block, smem = CC.plan_launch(spec, [1 << 26, 1] + [1, 0] * 3, dev, lambda t, s: 4)
+    meta = [1 << 26, 1] + [1, 0] * 3
+    grid, block, smem = CC.plan_launch(spec, meta, dev, lambda t, s: 4)
+    assert block == 256 and grid == (1 << 26) // spec.launch["vec"] // 256 and smem == 0
+    monkeypatch.setattr(CC, "PW_WAVES", 1)
+    grid, block, smem = CC.plan_launch(spec, meta, dev, lambda t, s: 4)
     assert block == 256 and grid == 132 * 4 and smem == 0
     grid, block, _ = CC.plan_launch(spec, [10, 3] + [3, 1] * 3, dev)
     assert grid == 1 and block == 32

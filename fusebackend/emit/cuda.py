@@ -40,6 +40,9 @@ PW_VEC_BYTES = 16           # bytes per thread per chunk, pointwise (32: two 16-
 MAX_VEC = 16                # elements per thread per chunk
 REG_BUDGET = 64             # 32-bit registers per thread for row values cached between phases
 MAX_UNROLL = 16             # unrolled elements per thread when the row is cached in registers
+# Measured on one H100 (16384x4096 rows, ms): MAX_UNROLL 8 / 16 / 32: softmax f32 0.297 / 0.289 / 0.359,
+# layer norm + gelu bf16 0.240 / 0.217 / 0.229; VEC_BYTES 32 instead of 16: softmax 0.292 vs 0.281,
+# RMS norm bf16 0.114 vs 0.102, layer norm 0.176 vs 0.180 (noise): 16 bytes and 16 elements it is.
 WARP_ROW_MAX = 1024         # rows this short run one per warp (no block barrier)
 WARP_ROWS_PER_BLOCK = 4     # warps (rows) per block in the warp shape
 BLOCK_BOUND = 1024          # __launch_bounds__ of block-per-row kernels that hold nothing in registers
@@ -228,13 +231,7 @@ def emit_pointwise(fg: FusionGraph, group) -> KernelSource:
     rank = len(group.domain)
     probe = CudaBuilder(fg, group)
     flat = _flat_ok(fg, group, probe)
-    inner = 1
     if flat:
-        inner = 1
-        for s in group.domain:
-            inner = inner * s if isinstance(s, int) else None
-            if inner is None:
-                break
         V = max(1, min(MAX_VEC, PW_VEC_BYTES // min(op.meta.dtype.itemsize for op in probe.operands)))
     else:
         V = _vec_width(probe, group.domain[-1] if rank else 1, PW_VEC_BYTES)
