@@ -76,3 +76,20 @@ def test_row_kernel_reads_a_transposed_input_inside_the_row_loop():
     got, ref = torch.compile(f, backend="fuse")(x), f(x)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+# 5. g++ fused a*b+c into one FMA (-ffp-contract=fast is its default), rounding once where eager rounds twice:
+#    x*x - c was 2^-24 instead of 0, and a comparison downstream flipped. Kernels now build with
+#    -ffp-contract=off (as Inductor does); the math templates keep their FMAs explicitly.
+def test_multiply_add_rounds_like_eager():
+    x = torch.full((64,), 1 + 2 ** -12)
+    c = torch.full((64,), 1 + 2 ** -11)
+    _exact(lambda x, c: (x * x - c, (x * x - c) > 0, torch.sign(x * 3.0 + c)), x, c)
+
+
+# 6. A float32 mean added in float: the mean of a constant row was not exactly the constant, so x - mean was
+#    rounding noise and a layer norm of a constant row gave ~1e-4 instead of eager's exact 0.
+def test_layer_norm_of_constant_rows_is_zero():
+    x = (torch.randn(6, 1) * 3).expand(6, 300)
+    got = torch.compile(lambda x: F.layer_norm(x, (300,)), backend="fuse")(x)
+    assert torch.equal(got, torch.zeros(6, 300)), got.abs().max()

@@ -20,16 +20,25 @@ FB_HD float floor_(float x) { return __builtin_floorf(x); }
 FB_HD float rint_(float x) { return __builtin_rintf(x); }
 FB_HD float sqrt_(float x) { return __builtin_sqrtf(x); }
 FB_HD float rsqrt_(float x) { return 1.0f / __builtin_sqrtf(x); }
+// Kernels build with -ffp-contract=off, so graph arithmetic rounds after every op as eager does (a*b+c is not
+// fused into an FMA behind the user's back); the polynomials below ask for their FMAs explicitly.
+FB_HD float fma_(float a, float b, float c) {
+#if defined(__FMA__)
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
 
 // exp: n = round(x / ln2); e^x = 2^n * e^r with |r| <= ln2/2, e^r by its Taylor series to degree 7.
 FB_HD float exp_(float x) {
   float xc = x > 88.7228393f ? 88.7228393f : (x < -103.972084f ? -103.972084f : x);
   float n = rint_(xc * 1.44269504088896341f);
-  float r = xc - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187e-06f;
+  float r = fma_(-n, 0.693145751953125f, xc);
+  r = fma_(-n, 1.428606765330187e-06f, r);
   float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f; p = p * r + 1.0f / 120.0f; p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f; p = p * r + 0.5f; p = p * r + 1.0f; p = p * r + 1.0f;
+  p = fma_(p, r, 1.0f / 720.0f); p = fma_(p, r, 1.0f / 120.0f); p = fma_(p, r, 1.0f / 24.0f);
+  p = fma_(p, r, 1.0f / 6.0f); p = fma_(p, r, 0.5f); p = fma_(p, r, 1.0f); p = fma_(p, r, 1.0f);
   // 2^n as two factors (keeps denormal results exact); exponent bits from 32-bit integer ops only,
   // so the loop vectorizes at one lane width.
   uint32_t nb = float_to_bits(n + 12582912.0f) - 0x4B400000u;
@@ -45,9 +54,9 @@ FB_HD float exp_(float x) {
 FB_HD float expm1_(float x) {
   // Taylor series near 0, where exp(x) - 1 would cancel.
   float p = 1.0f / 362880.0f;
-  p = p * x + 1.0f / 40320.0f; p = p * x + 1.0f / 5040.0f; p = p * x + 1.0f / 720.0f;
-  p = p * x + 1.0f / 120.0f; p = p * x + 1.0f / 24.0f; p = p * x + 1.0f / 6.0f; p = p * x + 0.5f;
-  float small = x + x * x * p;
+  p = fma_(p, x, 1.0f / 40320.0f); p = fma_(p, x, 1.0f / 5040.0f); p = fma_(p, x, 1.0f / 720.0f);
+  p = fma_(p, x, 1.0f / 120.0f); p = fma_(p, x, 1.0f / 24.0f); p = fma_(p, x, 1.0f / 6.0f); p = fma_(p, x, 0.5f);
+  float small = fma_(x * x, p, x);
   float big = exp_(x) - 1.0f;
   return (x > -0.34657359f && x < 0.34657359f) ? small : big;
 }
@@ -64,10 +73,10 @@ FB_HD float log_(float x) {
   eb = hi ? eb + 1u : eb;
   float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
   float p = 2.0f / 11.0f;
-  p = p * s2 + 2.0f / 9.0f; p = p * s2 + 2.0f / 7.0f; p = p * s2 + 2.0f / 5.0f; p = p * s2 + 2.0f / 3.0f;
-  float lm = 2.0f * s + s * s2 * p;
+  p = fma_(p, s2, 2.0f / 9.0f); p = fma_(p, s2, 2.0f / 7.0f); p = fma_(p, s2, 2.0f / 5.0f); p = fma_(p, s2, 2.0f / 3.0f);
+  float lm = fma_(s * s2, p, 2.0f * s);
   float fe = (float)(int32_t)eb;
-  float y = fe * 0.693145751953125f + (lm + fe * 1.428606765330187e-06f);
+  float y = fma_(fe, 0.693145751953125f, fma_(fe, 1.428606765330187e-06f, lm));
   y = x == 0.0f ? -inf_f() : y;
   y = x < 0.0f ? nan_f() : y;
   y = x == inf_f() ? x : y;
@@ -90,16 +99,16 @@ FB_HD float erf_(float x) {
   float ax = bits_to_float(float_to_bits(x) & 0x7fffffffu);
   float x2 = x * x;
   float p = 7.9332549537467647e-05f;
-  p = p * x2 - 0.00080347784975812902f; p = p * x2 + 0.0051912110469394613f;
-  p = p * x2 - 0.026855395768201441f; p = p * x2 + 0.11283625638555582f;
-  p = p * x2 - 0.37612629869499503f; p = p * x2 + 1.1283791665912066f;
+  p = fma_(p, x2, -0.00080347784975812902f); p = fma_(p, x2, 0.0051912110469394613f);
+  p = fma_(p, x2, -0.026855395768201441f); p = fma_(p, x2, 0.11283625638555582f);
+  p = fma_(p, x2, -0.37612629869499503f); p = fma_(p, x2, 1.1283791665912066f);
   float small = x * p;
   float t = 1.0f / (1.0f + ax);
   float q = 0.98100923924615213f;
-  q = q * t - 3.3506224383880134f; q = q * t + 4.6242499122709582f; q = q * t - 2.8797580296486656f;
-  q = q * t + 0.3185997948030504f; q = q * t + 0.17646548414119628f; q = q * t + 0.57576838354314208f;
-  q = q * t + 0.56346941935162098f; q = q * t + 1.9301868427346467e-05f;
-  float big = 1.0f - exp_(-(ax < 4.0f ? x2 : 16.0f)) * q;
+  q = fma_(q, t, -3.3506224383880134f); q = fma_(q, t, 4.6242499122709582f); q = fma_(q, t, -2.8797580296486656f);
+  q = fma_(q, t, 0.3185997948030504f); q = fma_(q, t, 0.17646548414119628f); q = fma_(q, t, 0.57576838354314208f);
+  q = fma_(q, t, 0.56346941935162098f); q = fma_(q, t, 1.9301868427346467e-05f);
+  float big = fma_(-exp_(-(ax < 4.0f ? x2 : 16.0f)), q, 1.0f);
   big = ax >= 4.0f ? 1.0f : big;
   big = bits_to_float(float_to_bits(big) | sign);
   return ax < 1.0f ? small : big;
