@@ -43,7 +43,7 @@ def assert_half_close(fn, args, out, eager_out, factor):
     assert mine <= tol, "half-type error %.3g exceeds %.1f x eager's %.3g" % (mine, factor, eager)
 
 
-def assert_matches(fn, compiled, args, *, half_factor=4.0):
+def assert_matches(fn, compiled, args, *, half_factor=4.0, atol=1e-6):
     """Compare compiled(*args) with fn(*args): f32 rtol 1e-5 / atol 1e-6; half types by eager's own error."""
     out, ref = compiled(*args), fn(*args)
     outs, refs = (out, ref) if isinstance(out, (list, tuple)) else ((out,), (ref,))
@@ -55,6 +55,6 @@ def assert_matches(fn, compiled, args, *, half_factor=4.0):
         elif r.dtype == torch.float64:
             torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-12, equal_nan=True)
         elif r.is_floating_point():
-            torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6, equal_nan=True)
+            torch.testing.assert_close(o, r, rtol=1e-5, atol=atol, equal_nan=True)
         else:
             assert torch.equal(o, r)

@@ -55,9 +55,9 @@ def rand(*shape, dtype=torch.float32, specials=True):
     return x.to(dtype)
 
 
-def check(fn, *args):
+def check(fn, *args, atol=1e-6):
     compiled = torch.compile(fn, backend="fuse", options={"fallback": "error"})
-    assert_matches(fn, compiled, args)
+    assert_matches(fn, compiled, args, atol=atol)
 
 
 @pytest.mark.parametrize("name", sorted(UNARY))
@@ -85,7 +85,9 @@ def test_binary_half(name, dtype):
 
 @pytest.mark.parametrize("name", sorted(REDUCE))
 def test_reductions(name):
-    check(REDUCE[name], rand(6, 7, 33, specials=False))
+    # A float32 sum of N terms in another order differs by about sqrt(N) ulps of the terms: scale atol.
+    x = rand(6, 7, 33, specials=False)
+    check(REDUCE[name], x, atol=1e-6 * x.numel() ** 0.5)
 
 
 @pytest.mark.parametrize("name", sorted(VIEWS))
