@@ -41,7 +41,7 @@ def _settings():
 
 
 def _property():
-    failures = []
+    failures, progress = [], [0]
     t0 = time.time()
 
     @_settings()
@@ -53,12 +53,6 @@ def _property():
         except fuzzcheck.Invalid:
             fuzzcheck.STATS["rejected (eager raises)"] += 1
             reject()
-        finally:
-            n = fuzzcheck.STATS["examples"]
-            if LOG and n % 50 == 0 and n:
-                with open(LOG, "a") as f:
-                    f.write("progress: %d examples, %d failures, %.0f s\n"
-                            % (n, fuzzcheck.STATS["failures"], time.time() - t0))
         except Exception as e:
             if not LOG:
                 raise
@@ -66,6 +60,12 @@ def _property():
             failures.append(case)
             with open(LOG, "a") as f:
                 f.write("=" * 72 + "\n%r\n%s\n" % (case, "".join(traceback.format_exception_only(type(e), e))))
+        n = fuzzcheck.STATS["examples"]
+        if LOG and n % 50 == 0 and n != progress[0]:
+            progress[0] = n
+            with open(LOG, "a") as f:
+                f.write("progress: %d examples, %d failures, %.0f s\n"
+                        % (n, fuzzcheck.STATS["failures"], time.time() - t0))
     if SEED is not None:
         check = seed(int(SEED))(check)
     return check, failures
