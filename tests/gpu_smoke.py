@@ -20,7 +20,7 @@ os.environ["FUSEBACKEND_CACHE_DIR"] = tempfile.mkdtemp(prefix="fb-smoke-")
 import torch  # noqa: E402
 
 import fusebackend  # noqa: E402
-from fusebackend.emit import cuda as E  # noqa: E402
+from fusebackend.emit import cuda_target as E  # noqa: E402
 from fusebackend.runtime import cuda_compiler as CC  # noqa: E402
 
 F = torch.nn.functional

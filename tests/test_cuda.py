@@ -19,7 +19,7 @@ import numerics  # noqa: E402
 
 import fusebackend  # noqa: E402
 from fusebackend import decompositions  # noqa: E402
-from fusebackend.emit import cuda as E  # noqa: E402
+from fusebackend.emit import cuda_target as E  # noqa: E402
 from fusebackend.emit.cuda import emit_cuda  # noqa: E402
 from fusebackend.graph import lower  # noqa: E402
 from fusebackend.options import FuseOptions  # noqa: E402

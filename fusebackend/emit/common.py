@@ -1,10 +1,17 @@
-"""Pieces every kernel shape and target shares: naming, the argument preamble, index arithmetic."""
+"""Pieces every kernel shape and target shares: naming, the argument preamble, index arithmetic, the
+KernelSource an emitter hands the runtime, and facts about a group both targets ask."""
 from __future__ import annotations
 
 import hashlib
 
+from ..graph import registry
+from ..graph.fusion_graph import FusionGraph, Ref
 from . import ctypes_map as C
 from .exprs import ExprBuilder, EmitError
+from .kernel import KernelSource
+
+RED_T = {"sum": "SumR", "mean": "SumR", "prod": "ProdR", "max": "MaxR", "min": "MinR", "any": "AnyR",
+         "all": "AllR"}
 
 # What differs between targets, as data (the CUDA emitter adds its launch shapes on top).
 TARGETS = {
@@ -37,18 +44,20 @@ def preamble(b: ExprBuilder, rank: int, target: str) -> list:
     return lines
 
 
-def delinearize(var: str, dims: list, prefix="i") -> list:
-    """Index variables for `dims` (outermost first) from a linear index over those dims."""
+def delinearize(var: str, dims: list, names=None) -> list:
+    """Index variables for `dims` (outermost first) from a linear index over those dims; dim d's variable is
+    names[d] (default i<d>)."""
     if not dims:
         return []
+    name = (lambda d: names[d]) if names is not None else (lambda d: "i%d" % d)
     if len(dims) == 1:
-        return ["const int64_t %s%d = %s;" % (prefix, dims[0], var)]
+        return ["const int64_t %s = %s;" % (name(dims[0]), var)]
     lines = ["int64_t rem_%s = %s;" % (var, var)]
     for k, d in enumerate(reversed(dims)):
         if k == len(dims) - 1:
-            lines.append("const int64_t %s%d = rem_%s;" % (prefix, d, var))
+            lines.append("const int64_t %s = rem_%s;" % (name(d), var))
         else:
-            lines.append("const int64_t %s%d = rem_%s %% d%d; rem_%s /= d%d;" % (prefix, d, var, d, var, d))
+            lines.append("const int64_t %s = rem_%s %% d%d; rem_%s /= d%d;" % (name(d), var, d, var, d))
     return lines
 
 
@@ -67,5 +76,51 @@ def check_supported(fg, group) -> None:
             raise EmitError("%s has unsupported dtype %s" % (name, meta.dtype if meta else None))
 
 
-__all__ = ["TARGETS", "kernel_name", "preamble", "delinearize", "product", "indent", "check_supported",
+def flat_ok(fg: FusionGraph, group, b: ExprBuilder) -> bool:
+    """Every operand has the domain's shape and is contiguous, and no view remaps an index."""
+    if any(fg.node(n).kind == "view" for n in group.nodes):
+        return False
+    return all(op.meta.shape == tuple(group.domain) and op.meta.contiguous for op in b.operands)
+
+
+def ref_of(key) -> Ref:
+    """The Ref of a (name, item) value key."""
+    return Ref(key[0], key[1])
+
+
+def red_op(fg: FusionGraph, name: str) -> str:
+    """The reduction a node computes: sum, mean, prod, max, min, any, all."""
+    node = fg.node(name)
+    return registry.normalize_reduction(node.target, node.args, node.kwargs).op
+
+
+def scalar_index(shape, plan, idx: tuple) -> tuple:
+    """Index of a per-row output (reduced dims kept as size 1, or dropped) inside the row loop."""
+    if len(shape) == len(plan.domain):
+        return tuple("0" if d in plan.rdims else idx[d] for d in range(len(idx)))
+    return tuple(idx[d] for d in range(len(idx)) if d not in plan.rdims)
+
+
+def kernel_source(group, b: ExprBuilder, name: str, target: str, kind: str, source: str, **extra) -> KernelSource:
+    """The KernelSource of a finished kernel: operands in pointer order, with the layout the code assumes."""
+    return KernelSource(
+        name=name, target=target, kind=kind, source=source,
+        inputs=[op.key for op in b.operands if not op.is_output],
+        outputs=[op.key for op in b.operands if op.is_output],
+        domain=tuple(group.domain), reduce_dims=tuple(group.reduce_dims),
+        operand_ranks=tuple(op.meta.rank for op in b.operands),
+        unit_strides=tuple((op.slot, d) for op in b.operands for d in sorted(op.unit_dims)),
+        contiguous_slots=tuple(op.slot for op in b.operands if op.flat), **extra)
+
+
+def emit_shape(fg: FusionGraph, group, shapes: dict) -> KernelSource:
+    """Emit `group` with the target's kernel shape for its kind (shapes: kind -> emit function)."""
+    emit = shapes.get(group.kind)
+    if emit is None:
+        raise EmitError("group kind %s has no kernel" % group.kind)
+    return emit(fg, group)
+
+
+__all__ = ["TARGETS", "RED_T", "kernel_name", "preamble", "delinearize", "product", "indent", "check_supported",
+           "flat_ok", "ref_of", "red_op", "scalar_index", "kernel_source", "emit_shape",
            "EmitError"]

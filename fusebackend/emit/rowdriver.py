@@ -1,0 +1,98 @@
+"""One row of a reduction kernel, phase by phase (target independent; both row kernels drive it).
+
+RowPlan says which reductions run in which phase and which row-level values are cached between phases. The
+driver walks the phases with an ExprBuilder: each phase's body (cached values born in it, the accumulator
+updates, in the last phase the row outputs) is generated once, values constant along the row are hoisted
+before the phase's loop, cached values are read back in later phases. What a target decides is handed in:
+
+  loop(body, accs, vec)      the loop over the reduced index around one phase's body (lines)
+  acc_type(dtype, op)        the C type a reduction accumulates in
+  after_loop(r, acc_t, op)   lines after that loop, before a mean's division (combining across threads)
+  new_vec()                  the vector state of one phase's body, or None (targets with vector accesses)
+"""
+from __future__ import annotations
+
+from . import ctypes_map as C
+from .common import RED_T, red_op, ref_of, scalar_index
+
+
+class RowDriver:
+    def __init__(self, fg, b, plan, idx: tuple, cache_vars: dict, cache_index: str, const_read: bool):
+        """cache_vars: cached value key -> array variable (empty: recompute); cache_index: the element of
+        those arrays the current iteration owns; const_read: read cached values into const variables."""
+        self.fg, self.b, self.plan, self.idx = fg, b, plan, idx
+        self.vars, self.cidx = cache_vars, cache_index
+        self.types = {k: C.compute(b.meta_of(ref_of(k)).dtype) for k in plan.cached}
+        self.read = ("const " if const_read else "") + "%s %s = %s[%s];"
+        self.row_memo: dict = {}
+        self.pre, self.phase = None, 0
+        self.has_vec = hasattr(b, "vec")
+        b.hook = self.hook
+
+    def hook(self, ref_key, at):
+        b, plan = self.b, self.plan
+        name = ref_key[0]
+        if plan.per_row(ref_of(ref_key), at):
+            mk = (name, at)
+            if mk not in self.row_memo:           # computed once per row, before the phase's loop
+                saved = b.lines, b.hook, (b.vec if self.has_vec else None)
+                b.lines, b.hook = self.pre, self.hook
+                if self.has_vec:
+                    b.vec = None
+                self.row_memo[mk] = b.compute(name, at) if name in plan.members else b.load(ref_of(ref_key), at)
+                b.lines, b.hook = saved[0], saved[1]
+                if self.has_vec:
+                    b.vec = saved[2]
+            return self.row_memo[mk]
+        if ref_key in self.vars and plan.home[ref_key] < self.phase and at == self.idx:
+            var = b.fresh()
+            b.emit(self.read % (self.types[ref_key], var, self.vars[ref_key], self.cidx))
+            return var
+        return None
+
+    def run(self, loop, acc_type, after_loop=lambda r, acc_t, op: [], new_vec=None):
+        """(row lines, end lines): every phase of one row, then the per-row outputs (`end`, which the
+        target places: every thread, or one)."""
+        fg, b, plan, idx = self.fg, self.b, self.plan, self.idx
+        b.reduction_value = {}
+        row = []
+        for p in range(plan.num_phases):
+            pre, body = [], []
+            self.pre, self.phase = pre, p
+            b.lines, b.memo = body, {}
+            vec = new_vec() if new_vec is not None else None
+            if self.has_vec:
+                b.vec = vec
+            for k, var in self.vars.items():      # values born in this phase are computed now and cached
+                if plan.home[k] == p:
+                    v = b.value(ref_of(k), idx)
+                    b.emit("%s[%s] = %s;" % (var, self.cidx, v))
+            accs = []
+            for r in [r for r in plan.reductions if plan.level[r] == p]:
+                v = b.value(plan.red_input(r), idx)
+                op = red_op(fg, r)
+                acc_t = acc_type(fg.node(r).meta.dtype, op)
+                b.emit("a_%s = fb::%s::combine(a_%s, (%s)%s);" % (r, RED_T[op], r, acc_t, v))
+                accs.append((r, acc_t, op))
+            if p == plan.num_levels:
+                for out in plan.row_outputs:
+                    b.store(out, idx, b.value(out, idx))
+            if self.has_vec:
+                b.vec = None
+            row += pre
+            for r, acc_t, op in accs:
+                row.append("%s a_%s = fb::%s::identity<%s>();" % (acc_t, r, RED_T[op], acc_t))
+            row += loop(body, accs, vec)
+            for r, acc_t, op in accs:
+                row += after_loop(r, acc_t, op)
+                if op == "mean":
+                    row.append("a_%s = a_%s / (%s)R;" % (r, r, acc_t))
+                ct = C.compute(fg.node(r).meta.dtype)
+                b.reduction_value[r] = "a_%s" % r if acc_t == ct else "((%s)a_%s)" % (ct, r)
+        end = []
+        self.pre, self.phase = end, plan.num_phases
+        b.lines = end
+        for out in plan.scalar_outputs:
+            out_idx = scalar_index(fg.node(out).meta.shape, plan, idx)
+            b.store(out, out_idx, b.value(out, out_idx))
+        return row, end
