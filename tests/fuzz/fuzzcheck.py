@@ -20,6 +20,7 @@ import torch
 HALF = (torch.float16, torch.bfloat16)
 HALF_FACTOR = 4.0
 STATS = collections.Counter()       # examples, kernels, fallbacks by reason: printed by the tests
+NOTES = []                          # cases worth a look that are not failures (a kernel that fell back)
 
 
 class Invalid(Exception):
@@ -128,6 +129,7 @@ def run_case(case, *, calls=2):
     layout = [str(w.message) for w in caught if "layout" in str(w.message)]
     if layout:
         STATS["layout fallbacks"] += 1
+        NOTES.append("layout fallback: %s\n%r" % (layout[0], case))
     compare(case, fn, args, got, expected)
     for k in range(1, calls):          # same layout, fresh values: the kernels' cached meta path
         args = case.make_inputs(case.seed + 1000 * k)

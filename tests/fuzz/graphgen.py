@@ -216,6 +216,20 @@ SMOOTH = {   # name -> (expression, bound of finite results given the input's bo
     "leaky_relu": ("F.leaky_relu({0}, 0.2)", lambda b: b),
     "hardtanh": ("F.hardtanh({0})", lambda b: 1.0),
     "mish_like": ("({0}) * torch.tanh(F.softplus({0}))", lambda b: b + 1),
+    "mish": ("F.mish({0})", lambda b: b + 1),
+    "log2": ("torch.log2({0})", lambda b: 150.0),
+    "log10": ("torch.log10({0})", lambda b: 46.0),
+    "exp2": ("torch.exp2({0})", lambda b: 2.0 ** b if b < 120 else None),
+    "sinh": ("torch.sinh({0})", lambda b: math.sinh(b) if b < 80 else None),
+    "cosh": ("torch.cosh({0})", lambda b: math.cosh(b) if b < 80 else None),
+    "asin": ("torch.asin({0})", lambda b: 1.6),
+    "acos": ("torch.acos({0})", lambda b: 3.2),
+    "tan": ("torch.tan({0})", None),
+    "hardswish": ("F.hardswish({0})", lambda b: b + 3),
+    "hardsigmoid": ("F.hardsigmoid({0})", lambda b: 1.0),
+    "logsigmoid": ("F.logsigmoid({0})", lambda b: b + 1),
+    "selu": ("F.selu({0})", lambda b: 1.1 * b + 2),
+    "softsign": ("F.softsign({0})", lambda b: 1.0),
 }
 # exact (correctly rounded or value-preserving) unary ops; 'disc' ones are discontinuous
 EXACT_UNARY = {
@@ -229,14 +243,22 @@ EXACT_UNARY = {
     "round": ("torch.round({0})", lambda b: b + 1, True),
     "trunc": ("torch.trunc({0})", lambda b: b, True),
     "sign": ("torch.sign({0})", lambda b: 1.0, True),
+    "frac": ("torch.frac({0})", lambda b: 1.0, True),
+    "nan_to_num": ("torch.nan_to_num({0}, 0.0, 100.0, -100.0)", lambda b: max(b, 100.0), False),
 }
-MAKES_NONFINITE = {"log", "log1p", "rsqrt", "reciprocal", "pow_half", "sqrt"}   # log(0), 1/0, sqrt(-1)
+MAKES_NONFINITE = {"log", "log1p", "rsqrt", "reciprocal", "pow_half", "sqrt", "log2", "log10", "asin", "acos",
+                   "tan"}
 TRANSPARENT = {"neg", "abs", "relu", "floor", "ceil", "round", "trunc", "sign"}   # results stay representable
 BINARY_ARITH = {"add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "div": "{0} / {1}",
                 "add_alpha": "torch.add({0}, {1}, alpha=2)", "sub_alpha": "torch.sub({0}, {1}, alpha=-1)"}
-BINARY_SMOOTH = {"atan2": "torch.atan2({0}, {1})", "pow": "torch.pow(torch.abs({0}) + 0.5, {1})"}
+BINARY_SMOOTH = {"atan2": "torch.atan2({0}, {1})", "pow": "torch.pow(torch.abs({0}) + 0.5, {1})",
+                 "lerp": "torch.lerp({0}, {1}, 0.3)", "addcmul": "torch.addcmul({0}, {1}, {1}, value=0.5)",
+                 "hypot": "torch.hypot({0}, {1})"}
 BINARY_SELECT = {"maximum": "torch.maximum({0}, {1})", "minimum": "torch.minimum({0}, {1})",
-                 "fmax": "torch.fmax({0}, {1})", "fmin": "torch.fmin({0}, {1})"}
+                 "fmax": "torch.fmax({0}, {1})", "fmin": "torch.fmin({0}, {1})",
+                 "copysign": "torch.copysign({0}, {1})"}
+CLASSIFY = {"isnan": "torch.isnan({0})", "isinf": "torch.isinf({0})", "isfinite": "torch.isfinite({0})",
+            "signbit": "torch.signbit({0})", "isposinf": "torch.isposinf({0})"}
 BINARY_DISC = {"remainder": "torch.remainder({0}, {1})", "fmod": "torch.fmod({0}, {1})",
                "floordiv": "torch.div({0}, {1}, rounding_mode='floor')",
                "truncdiv": "torch.div({0}, {1}, rounding_mode='trunc')"}
@@ -357,8 +379,11 @@ class Builder:
         if a.dtype in INT and (bound is None or bound > 2 ** 30):
             return False
         transparent = name in TRANSPARENT
-        return self.new(expr.format(a.name), [a], a.exact, bound, half_op=not transparent,
+        made = self.new(expr.format(a.name), [a], a.exact, bound, half_op=not transparent and name != "nan_to_num",
                         makes_nonfinite=name in MAKES_NONFINITE)
+        if made and name == "nan_to_num" and made[0].bound is not None:
+            made[0].nonfinite = False
+        return made
 
     def op_clamp(self):
         a = self.pick(lambda v: v.dtype != torch.bool)
@@ -424,6 +449,10 @@ class Builder:
                             half_op=True, makes_nonfinite=name == "div")
         if fam == "select":
             name = self.choice(sorted(BINARY_SELECT))
+            if name == "copysign":
+                if not (_isfloat(a) or _isfloat(b)):
+                    return False
+                return self.new(BINARY_SELECT[name].format(a.name, self.zs(b)), [a, b], a.exact and b.exact, a.bound)
             return self.new(BINARY_SELECT[name].format(a.name, b.name), [a, b], a.exact and b.exact,
                             _max(a.bound, b.bound))
         if fam == "smooth":
@@ -459,6 +488,46 @@ class Builder:
         s = self.choice(SCALARS_I if a.dtype in INT + (torch.bool,) else SCALARS_F)
         return self.new(COMPARE[name].format(a.name, _fmt(s)), [a], True, 1.0)
 
+    def op_classify(self):
+        a = self.pick(lambda v: v.exact)
+        if a is None:
+            return False
+        name = self.choice(sorted(CLASSIFY))
+        return self.new(CLASSIFY[name].format(a.name), [a], True, 1.0)
+
+    def op_opaque(self):
+        """Ops the templates do not cover (ATen calls inside the program, between fused groups)."""
+        a = self.pick(lambda v: v.meta.dim() >= 1 and v.dtype != torch.bool)
+        if a is None:
+            return False
+        rank = a.meta.dim()
+        kind = self.choice(("cumsum", "argmax", "sort", "matmul", "cummax"))
+        dim = self.d(st.integers(-rank, rank - 1))
+        n = a.shape[dim]
+        if kind == "cumsum":
+            if not _summable(a, n):
+                return False
+            return self.new("torch.cumsum(%s, %d)" % (a.name, dim), [a], not _isfloat(a) and a.exact,
+                            a.bound * max(n, 1), half_op=True, sums=True)
+        if kind == "argmax":
+            if not a.exact or n == 0:
+                return False
+            return self.new("torch.argmax(%s, %d, keepdim=%r)" % (a.name, dim, self.d(st.booleans())), [a], True,
+                            float(n))
+        if kind == "sort":
+            return self.new("torch.sort(%s, %d, descending=%r).values" % (a.name, dim, self.d(st.booleans())),
+                            [a], a.exact, a.bound)
+        if kind == "cummax":
+            return self.new("torch.cummax(%s, %d).values" % (a.name, dim), [a], a.exact, a.bound)
+        if a.dtype != torch.float32 or rank < 2:
+            return False
+        b = self.pick(lambda v: v.dtype == torch.float32 and v.meta.dim() == 2 and v.shape[0] == a.shape[-1],
+                      prefer_recent=False)
+        if b is None or not _summable(a, a.shape[-1]) or b.bound is None:
+            return False
+        return self.new("%s @ %s" % (a.name, b.name), [a, b], False, a.bound * b.bound * max(1, a.shape[-1]),
+                        sums=True)
+
     def op_logical(self):
         a = self.pick(lambda v: v.exact)
         if a is None:
@@ -492,6 +561,10 @@ class Builder:
                             a.exact and b.exact, _max(a.bound, b.bound))
         s = self.choice(SCALARS_I if a.dtype in INT else SCALARS_F) if a.dtype != torch.bool else True
         s = s if a.dtype in INT or a.dtype == torch.bool else float(s)
+        if self.d(st.booleans()) and broadcastable(c.shape, a.shape) and \
+                torch.broadcast_shapes(c.shape, a.shape) == a.shape:
+            return self.new("%s.masked_fill(%s, %s)" % (a.name, c.name, _fmt(s)), [c, a], a.exact,
+                            _max(a.bound, abs(float(s))), half_op=a.dtype in HALF and s not in (0.0, 1.0, 2.0, -1.0))
         return self.new("torch.where(%s, %s, %s)" % (c.name, a.name, _fmt(s)), [c, a], a.exact,
                         _max(a.bound, abs(float(s))), half_op=a.dtype in HALF and s not in (0.0, 1.0, 2.0, -1.0))
 
@@ -513,7 +586,7 @@ class Builder:
         if a is None:
             return False
         rank = a.meta.dim()
-        kind = self.choice(("sum", "sum", "mean", "amax", "amin", "any", "all", "var", "var_mean", "std"))
+        kind = self.choice(("sum", "sum", "mean", "amax", "amin", "any", "all", "var", "var_mean", "std", "prod"))
         ndims = self.d(st.integers(1, rank))
         dims = sorted(self.d(st.permutations(list(range(rank))))[:ndims])
         if self.d(st.booleans()):
@@ -535,6 +608,13 @@ class Builder:
                 return False
             bound = a.bound * max(n, 1) if kind == "sum" else a.bound
             return self.new(expr, [a], intres and a.exact, bound, half_op=True, makes_nonfinite=n == 0, sums=True)
+        if kind == "prod":
+            if a.bound is None or n > 12 or (a.bound > 1 and a.bound ** n > (1e30 if _isfloat(a) else 2 ** 60)):
+                return False
+            if dims_txt is None or len(dims) != 1:
+                return False
+            return self.new("torch.prod(%s, %d, keepdim=%r)" % (a.name, dims[0], keep), [a],
+                            not _isfloat(a) and a.exact, max(1.0, a.bound) ** max(n, 1), half_op=True, sums=True)
         if kind in ("amax", "amin"):
             return self.new("torch.%s(%s, %s)" % (kind, a.name, dims_txt), [a], a.exact, a.bound)
         if kind in ("any", "all"):
@@ -668,7 +748,7 @@ def _arith_bound(name, a, b):
 
 OP_FAMILIES = (("op_binary", 6), ("op_smooth", 3), ("op_exact_unary", 3), ("op_reduce", 3), ("op_rowwise", 2),
                ("op_compare", 2), ("op_where", 2), ("op_cast", 2), ("op_view", 2), ("op_clamp", 1),
-               ("op_logical", 1))
+               ("op_logical", 1), ("op_classify", 1), ("op_opaque", 1))
 _WEIGHTED = tuple(name for name, w in OP_FAMILIES for _ in range(w))
 
 

@@ -60,6 +60,10 @@ def _property():
             failures.append(case)
             with open(LOG, "a") as f:
                 f.write("=" * 72 + "\n%r\n%s\n" % (case, "".join(traceback.format_exception_only(type(e), e))))
+        if LOG and fuzzcheck.NOTES:
+            with open(LOG, "a") as f:
+                f.write("".join("-" * 72 + "\n" + n + "\n" for n in fuzzcheck.NOTES))
+            del fuzzcheck.NOTES[:]
         n = fuzzcheck.STATS["examples"]
         if LOG and n % 50 == 0 and n != progress[0]:
             progress[0] = n

@@ -93,3 +93,13 @@ def test_layer_norm_of_constant_rows_is_zero():
     x = (torch.randn(6, 1) * 3).expand(6, 300)
     got = torch.compile(lambda x: F.layer_norm(x, (300,)), backend="fuse")(x)
     assert torch.equal(got, torch.zeros(6, 300)), got.abs().max()
+
+
+# 7. clamp with a NaN bound (a tensor bound holding NaN, or a NaN scalar) gives NaN in eager; the Clamp
+#    template only propagated NaN from x.
+def test_clamp_with_nan_bounds():
+    x = torch.tensor([1.0, -1.0, float("nan"), 3.0, 0.25])
+    lo = torch.tensor([float("nan"), 0.0, 0.0, 2.0, -1.0])
+    hi = torch.tensor([2.0, float("nan"), 1.0, 0.0, 0.5])
+    _exact(lambda x, lo, hi: (torch.clamp(x, min=lo), torch.clamp(x, max=hi), torch.clamp(x, lo, hi),
+                              torch.clamp(x, min=float("nan")), torch.trunc(torch.clamp(x, min=lo))), x, lo, hi)

@@ -139,9 +139,11 @@ template <> FB_HD int64_t Remainder::exec<int64_t>(int64_t a, int64_t b) {
 
 struct AddAlpha { template <class T> FB_FN T exec(T a, T b, T alpha) { return a + alpha * b; } };
 struct Where { template <class T> FB_FN T exec(bool c, T a, T b) { return c ? a : b; } };
-struct Clamp {
+struct Clamp {  // a NaN bound (scalar or tensor) makes the result NaN, as in eager
   template <class T> FB_FN T exec(T x, T lo, T hi) {
     if (isnan_(x)) return x;
+    if (isnan_(lo)) return lo;
+    if (isnan_(hi)) return hi;
     T y = x < lo ? lo : x;
     return y > hi ? hi : y;
   }
