@@ -310,7 +310,9 @@ class Builder:
         made = []
         for o in outs:
             self.counter += 1
-            hp = half_path or (half_op and o.dtype in HALF)
+            # half_op="inner": the expression has half-type intermediates of its own (abs(h) + 0.5 in pow)
+            inner = half_op == "inner" and any(v.dtype in HALF for v in operands)
+            hp = half_path or inner or (half_op and o.dtype in HALF)
             ob = self._bound(o.dtype, bound)
             nonfinite = o.dtype in FLOAT and (makes_nonfinite or ob is None or any(v.nonfinite for v in operands))
             reassoc = any(v.reassoc for v in operands) or (sums and any(_isfloat(v) for v in operands))
@@ -362,7 +364,8 @@ class Builder:
         expr, bfn = SMOOTH[name]
         bound = bfn(a.bound) if (bfn and a.bound is not None) else None
         arg = self.zs(a) if name in ("rsqrt", "reciprocal") else a.name
-        return self.new(expr.format(arg), [a], False, bound, half_op=True, makes_nonfinite=name in MAKES_NONFINITE)
+        return self.new(expr.format(arg), [a], False, bound, half_op="inner" if name == "mish_like" else True,
+                        makes_nonfinite=name in MAKES_NONFINITE)
 
     def op_exact_unary(self):
         name = self.choice(sorted(EXACT_UNARY))
@@ -460,7 +463,8 @@ class Builder:
                 return False
             name = self.choice(sorted(BINARY_SMOOTH))
             bound = 3.2 if name == "atan2" else None
-            return self.new(BINARY_SMOOTH[name].format(self.zs(a), self.zs(b)), [a, b], False, bound, half_op=True)
+            return self.new(BINARY_SMOOTH[name].format(self.zs(a), self.zs(b)), [a, b], False, bound,
+                            half_op="inner" if name == "pow" else True)
         # discontinuous: exact operands only; integer divisors are made non-zero
         if not (a.exact and b.exact) or torch.bool in (a.dtype, b.dtype):
             return False
