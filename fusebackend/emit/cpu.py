@@ -89,12 +89,12 @@ def _acc_type(dtype, red_op) -> str:
 
 def _simd_pragma(accs) -> str:
     parts = []
-    for r, acc_t, red_op in accs:
+    for a, acc_t, red_op, _ in accs:
         if red_op in ("max", "min"):
             op = ("fb" + red_op) if acc_t in ("float", "double") else red_op
         else:
             op = OMP_RED[red_op]
-        parts.append("reduction(%s:a_%s)" % (op, r))
+        parts.append("reduction(%s:%s)" % (op, a))
     return "#pragma omp simd " + " ".join(parts)
 
 

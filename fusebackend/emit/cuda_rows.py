@@ -130,8 +130,8 @@ def _gen_reduction(fg: FusionGraph, group, V: int):
                 conds.extend(c for c in vs.conds if c not in conds)
             return chunk_loop(body, vs, cache, vv)
 
-        def after_loop(r, acc_t, op):
-            return ["a_%s = %s;" % (r, allreduce % (RED_T[op], "a_%s" % r))]
+        def after_loop(a, acc_t, op):
+            return ["%s = %s;" % (a, allreduce % (RED_T[op], a))]
         new_vec = (lambda: VecState(vv, var="i%d" % L, base="i%db" % L)) if vector else None
         row = []
         if cache == "reg":

@@ -5,9 +5,10 @@ driver walks the phases with an ExprBuilder: each phase's body (cached values bo
 updates, in the last phase the row outputs) is generated once, values constant along the row are hoisted
 before the phase's loop, cached values are read back in later phases. What a target decides is handed in:
 
-  loop(body, accs, vec)      the loop over the reduced index around one phase's body (lines)
+  loop(body, accs, vec)      the loop over the reduced index around one phase's body (lines); accs holds
+                             (accumulator variable, its C type, reduction op, node) of the phase
   acc_type(dtype, op)        the C type a reduction accumulates in
-  after_loop(r, acc_t, op)   lines after that loop, before a mean's division (combining across threads)
+  after_loop(a, acc_t, op)   lines after that loop, before a mean's division (combining across threads)
   new_vec()                  the vector state of one phase's body, or None (targets with vector accesses)
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ class RowDriver:
             return var
         return None
 
-    def run(self, loop, acc_type, after_loop=lambda r, acc_t, op: [], new_vec=None):
+    def run(self, loop, acc_type, after_loop=lambda a, acc_t, op: [], new_vec=None):
         """(row lines, end lines): every phase of one row, then the per-row outputs (`end`, which the
         target places: every thread, or one)."""
         fg, b, plan, idx = self.fg, self.b, self.plan, self.idx
@@ -72,23 +73,24 @@ class RowDriver:
                 v = b.value(plan.red_input(r), idx)
                 op = red_op(fg, r)
                 acc_t = acc_type(fg.node(r).meta.dtype, op)
-                b.emit("a_%s = fb::%s::combine(a_%s, (%s)%s);" % (r, RED_T[op], r, acc_t, v))
-                accs.append((r, acc_t, op))
+                a = "a%d" % plan.reductions.index(r)     # not the node's name: equal groups, equal source
+                b.emit("%s = fb::%s::combine(%s, (%s)%s);" % (a, RED_T[op], a, acc_t, v))
+                accs.append((a, acc_t, op, r))
             if p == plan.num_levels:
                 for out in plan.row_outputs:
                     b.store(out, idx, b.value(out, idx))
             if self.has_vec:
                 b.vec = None
             row += pre
-            for r, acc_t, op in accs:
-                row.append("%s a_%s = fb::%s::identity<%s>();" % (acc_t, r, RED_T[op], acc_t))
+            for a, acc_t, op, _ in accs:
+                row.append("%s %s = fb::%s::identity<%s>();" % (acc_t, a, RED_T[op], acc_t))
             row += loop(body, accs, vec)
-            for r, acc_t, op in accs:
-                row += after_loop(r, acc_t, op)
+            for a, acc_t, op, r in accs:
+                row += after_loop(a, acc_t, op)
                 if op == "mean":
-                    row.append("a_%s = a_%s / (%s)R;" % (r, r, acc_t))
+                    row.append("%s = %s / (%s)R;" % (a, a, acc_t))
                 ct = C.compute(fg.node(r).meta.dtype)
-                b.reduction_value[r] = "a_%s" % r if acc_t == ct else "((%s)a_%s)" % (ct, r)
+                b.reduction_value[r] = a if acc_t == ct else "((%s)%s)" % (ct, a)
         end = []
         self.pre, self.phase = end, plan.num_phases
         b.lines = end
