@@ -16,6 +16,8 @@ import re
 import subprocess
 import tempfile
 
+import torch
+
 from fusebackend.runtime import cuda_compiler as cc
 
 INCLUDE = cc.INCLUDE
@@ -64,7 +66,7 @@ struct emu_arg { unsigned tid; const void* args; };
 static void* emu_thread(void* p) {
   emu_arg* a = (emu_arg*)p;
   threadIdx.x = a->tid; threadIdx.y = 0; threadIdx.z = 0;
-  %(name)s(*(const fb::KArgs<%(np)d, %(nm)d>*)a->args);
+  %(call)s;
   return 0;
 }
 extern "C" int emu_launch(const void* args, unsigned grid, unsigned block, unsigned smem) {
@@ -89,14 +91,20 @@ extern "C" int emu_launch(const void* args, unsigned grid, unsigned block, unsig
 """
 
 
-def build(spec):
-    """Compile one KernelSource (target cuda) for the emulator; returns the ctypes entry emu_launch."""
-    src = spec.source
+def build(spec, batch=False):
+    """Compile one KernelSource (target cuda) for the emulator; returns the ctypes entry emu_launch (running
+    the kernel's batch entry, compiled with FB_BATCH, with batch=True)."""
+    src = ("#define FB_BATCH 1\n" if batch else "") + spec.source
     src = src.replace("extern __shared__ __align__(16) unsigned char fb_smem[];",
                       "unsigned char* fb_smem = emu_smem;")
     src = re.sub(r"\b__shared__\s", "static ", src)
     nm = max(1, len(spec.domain) + sum(spec.operand_ranks))
-    text = PRELUDE + src + HARNESS % {"name": spec.name, "np": spec.num_operands, "nm": nm}
+    if batch:
+        call = "%s(*(const fb::BArgs<%d, %d>*)a->args)" % (spec.batch_name, spec.num_operands,
+                                                           spec.launch["batch_max"])
+    else:
+        call = "%s(*(const fb::KArgs<%d, %d>*)a->args)" % (spec.name, spec.num_operands, nm)
+    text = PRELUDE + src + HARNESS % {"call": call}
     os.makedirs(_DIR, exist_ok=True)
     key = hashlib.sha256((text + open(os.path.join(INCLUDE, "fb_cuda.h")).read()).encode()).hexdigest()[:20]
     so = os.path.join(_DIR, "emu_%s.so" % key)
@@ -119,15 +127,18 @@ def build(spec):
 class _EmuDriver:
     """The few driver calls CudaKernel makes, served by the emulator."""
 
-    def __init__(self, fn, dev):
-        self.fn, self.dev = fn, dev
+    def __init__(self, fn, dev, batch_fn=None):
+        self.fns, self.dev = {1: fn, 2: batch_fn}, dev     # function handles: 1 the kernel, 2 its batch entry
         self.launches = []
 
     def launchKernel(self, func, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
         assert gy == gz == by == bz == 1 and extra == 0
         args = ctypes.c_void_p.from_address(params).value      # kernelParams[0]: the argument struct
-        self.launches.append((gx, bx, smem))
-        if self.fn(args, gx, bx, smem) != 0:
+        self.launches.append((gx, bx, smem) if func == 1 else ("batch", gx, bx, smem))
+        fn = self.fns[func]
+        if callable(fn) and not isinstance(fn, ctypes._CFuncPtr):
+            fn = self.fns[func] = fn()
+        if fn(args, gx, bx, smem) != 0:
             raise RuntimeError("emulator refused block size %d" % bx)
 
     def occupancyMaxActiveBlocksPerMultiprocessor(self, func, threads, smem):
@@ -145,11 +156,14 @@ class EmuKernel(cc.CudaKernel):
 
     def __init__(self, spec, dev=None):
         self.dev = dev or cc.DeviceInfo(sm_count=2, max_threads_per_sm=2048, smem_optin=227 * 1024)
-        super().__init__(spec, b"", driver=_EmuDriver(build(spec), self.dev))
+        super().__init__(spec, b"", driver=_EmuDriver(build(spec), self.dev, lambda: build(spec, batch=True)))
         self.stream = lambda index: 0
 
-    def function(self, index):
-        return 1
+    def function(self, index, batch=False):
+        return 2 if batch else 1
+
+    def upload(self, values, index):
+        return torch.tensor(values, dtype=torch.int64)
 
     def device_info(self, index):
         return self.dev

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 import fusebackend  # noqa: E402
 from fusebackend.emit import cuda_target as E  # noqa: E402
 from fusebackend.runtime import cuda_compiler as CC  # noqa: E402
+from fusebackend.runtime import cuda_launch as CL  # noqa: E402
 
 F = torch.nn.functional
 COPY_BW = 3.0e12
@@ -127,8 +128,8 @@ def main():
     name, fn, make, nbytes = next(iter(workloads()))
     args = make()
     for vb, waves in [(16, 1), (32, 1), (16, 4), (32, 4), (16, 0), (32, 0)]:
-        saved = E.PW_VEC_BYTES, CC.PW_WAVES
-        E.PW_VEC_BYTES, CC.PW_WAVES = vb, waves
+        saved = E.PW_VEC_BYTES, CL.PW_WAVES
+        E.PW_VEC_BYTES, CL.PW_WAVES = vb, waves
         try:
             with torch.no_grad():
                 CC.live_kernels.clear()
@@ -137,7 +138,7 @@ def main():
                 t = wall_ms(c, args)
                 err = rel_err(out, fn(*args))
         finally:
-            E.PW_VEC_BYTES, CC.PW_WAVES = saved
+            E.PW_VEC_BYTES, CL.PW_WAVES = saved
         results["variants"].append(dict(name=name, pw_vec_bytes=vb, waves=waves, fuse=t, rel_err=err, kernels=info))
         print("variant PW_VEC_BYTES=%d PW_WAVES=%d %-28s fuse %.3f ms (floor %.3f) err %.1e %s"
               % (vb, waves, name, t, nbytes / COPY_BW * 1e3, err, [(k["grid"], k["block"], k["regs"]) for k in info]),

@@ -208,7 +208,7 @@ def test_plan_pointwise_grid(monkeypatch):
     meta = [1 << 26, 1] + [1, 0] * 3
     grid, block, smem = CC.plan_launch(spec, meta, dev, lambda t, s: 4)
     assert block == 256 and grid == (1 << 26) // spec.launch["vec"] // 256 and smem == 0
-    monkeypatch.setattr(CC, "PW_WAVES", 1)
+    monkeypatch.setattr("fusebackend.runtime.cuda_launch.PW_WAVES", 1)
     grid, block, smem = CC.plan_launch(spec, meta, dev, lambda t, s: 4)
     assert block == 256 and grid == 132 * 4 and smem == 0
     grid, block, _ = CC.plan_launch(spec, [10, 3] + [3, 1] * 3, dev)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from .common import kernel_name, kernel_source, indent, preamble
+from .cuda_batch import batch_kernel, max_problems
 from .exprs import EmitError, ExprBuilder
 from .kernel import KernelSource
 
@@ -65,5 +66,11 @@ def finish(group, b: ExprBuilder, kind: str, body: list, bound: int, launch: dic
     rank = len(group.domain)
     text = "\n".join(body)
     name = kernel_name("fb_cu_" + kind[:3], text + repr(sorted(launch.items())) + str(bound))
-    source = HEADER + signature(name, b, rank, bound) + " {\n" + "\n".join(indent(body, 2)) + "\n}\n"
-    return kernel_source(group, b, name, "cuda", kind, source, launch=dict(launch, bound=bound))
+    single = signature(name, b, rank, bound) + " {\n" + "\n".join(indent(body, 2)) + "\n}\n"
+    k = max_problems(len(b.operands), MAX_PARAM_BYTES)
+    if not k:
+        return kernel_source(group, b, name, "cuda", kind, HEADER + single, launch=dict(launch, bound=bound))
+    batch = batch_kernel(name, body, len(b.operands), num_meta(b, rank), bound, k)
+    source = HEADER + "#ifndef FB_BATCH\n" + single + "#else\n" + batch + "#endif\n"
+    return kernel_source(group, b, name, "cuda", kind, source, launch=dict(launch, bound=bound, batch_max=k),
+                         batch_name=name + "_batch")

@@ -1,64 +1,129 @@
-"""A horizontal batch: several launches of one kernel (different operands and sizes) as a single launch."""
+"""A horizontal batch: several launches of one kernel (different operands and sizes) as a single launch.
+
+The launcher protocol, the same for both targets: `launch.batch_plan(metas, tensors)` once (the problems'
+static part: sizes and strides packed or uploaded, launch shapes), then every call `launch.batch(plan, addrs)`
+with each problem's operand addresses in problem order (member 0's inputs then outputs, member 1's, ...).
+Per call the step only resolves inputs, allocates the outputs (one allocation) and gathers addresses.
+"""
 from __future__ import annotations
+
+import operator
+import warnings
 
 import torch
 
-from .steps import KernelStep
+from ..graph.fusion_graph import Ref
+from .steps import KernelStep, LayoutMismatch
+
+ALIGN = 16      # bytes: every output of a batch starts here, so 16-byte vector accesses stay valid
 
 
 class BatchKernelStep:
-    """Runs member KernelSteps that share one kernel through its batch entry point.
-
-    Outputs of one dtype are carved from a single allocation (one allocator call instead of one per member);
-    pointers and the concatenated size/stride arrays are packed once where possible."""
+    """Runs member KernelSteps that share one kernel through its batch entry point."""
     kind = "batch"
 
     def __init__(self, members: list, launch):
         self.members = members
         self.launch = launch
-        self.nptr = members[0].spec.num_operands
-        self.meta = None
-        self.nmeta = 0
-        first = members[0]
-        self.device = first.device
-        outs = [alloc for m in members for alloc in m.out_alloc]
-        self.flat_ok = all(_is_contiguous(s, st) for s, st, _ in outs) and len({dt for _, _, dt in outs}) == 1
-        self.sizes = [_numel(s) for s, _, _ in outs]
-        self.shapes = [s for s, _, _ in outs]
-        self.dtype = outs[0][2]
-        self.total = sum(self.sizes)
+        self.device = members[0].device
         self.group_nodes = [n for m in members for n in m.group_nodes]
+        n, self.nin, self.nout = len(members), len(members[0].ins), len(members[0].out_names)
+        self.nptr = self.nin + self.nout
+        # operands slot by slot (slot j of every member, then slot j + 1): the call gathers them with a few
+        # C-level slice copies into problem order instead of a Python loop over every pointer
+        refs = [members[q].spec.inputs[j] for j in range(self.nin) for q in range(n)]
+        if len(refs) >= 2 and all(isinstance(r, Ref) and r.item is None for r in refs):
+            get = operator.itemgetter(*[r.name for r in refs])      # one C call for every input
+        else:
+            resolvers = [members[q].ins[j] for j in range(self.nin) for q in range(n)]
+            get = lambda env: [r(env) for r in resolvers]
+        self.get_inputs = get
+        self.out_names = [members[q].out_names[j] for j in range(self.nout) for q in range(n)]
+        self.outputs = Outputs([members[q].out_alloc[j] for j in range(self.nout) for q in range(n)], self.device)
+        self.plan = None
 
     def __call__(self, env):
-        ins_all = [[r(env) for r in m.ins] for m in self.members]
-        outs = self.allocate()
-        k = 0
-        tensors = []
-        per_member = []
-        for m, ins in zip(self.members, ins_all):
-            mo = outs[k:k + len(m.out_names)]
-            k += len(m.out_names)
-            tensors.extend(ins)
-            tensors.extend(mo)
-            per_member.append(ins + mo)
-            for name, t in zip(m.out_names, mo):
-                env[name] = t
-        if self.meta is None:
-            values = []
-            for m, ts in zip(self.members, per_member):
-                mv = m.build_meta(ts)
-                self.nmeta = len(mv)
-                values.extend(mv)
-            self.meta = self.launch.pack(values)
-        ptrs = self.launch.batch_pointers([t.data_ptr() for t in tensors])
-        self.launch.batch(ptrs, self.meta, len(self.members), self.nptr, self.nmeta)
+        if self.plan is False:               # no batch entry could be built: the members, one by one
+            for m in self.members:
+                m(env)
+            return
+        ins = self.get_inputs(env)
+        outs, out_addrs = self.outputs()
+        env.update(zip(self.out_names, outs))
+        if self.plan is None:
+            self.plan = self._plan(list(ins) + list(outs))
+            if self.plan is False:
+                return self(env)
+        by_slot = [t.data_ptr() for t in ins] + out_addrs
+        n, k = len(self.members), self.nptr
+        addrs = [0] * (n * k)
+        for j in range(k):
+            addrs[j::k] = by_slot[j * n:(j + 1) * n]
+        self.launch.batch(self.plan, addrs)
 
-    def allocate(self):
-        if self.flat_ok:
-            flat = torch.empty(self.total, dtype=self.dtype, device=self.device)
-            return [p.view(s) for p, s in zip(flat.split(self.sizes), self.shapes)]
-        return [torch.empty_strided(s, st, dtype=dt, device=self.device)
-                for m in self.members for s, st, dt in m.out_alloc]
+    def _plan(self, by_slot):
+        n, metas, tensors = len(self.members), [], []
+        for q, m in enumerate(self.members):
+            ts = by_slot[q::n]
+            metas.append(m.build_meta(ts))
+            tensors += ts
+        try:
+            return self.launch.batch_plan(metas, tensors)
+        except LayoutMismatch:
+            raise
+        except Exception as e:       # e.g. the batch entry does not compile: correct, only slower
+            warnings.warn("fusebackend: a horizontal batch runs as %d launches (%s: %s)"
+                          % (len(self.members), type(e).__name__, str(e).splitlines()[0] if str(e) else ""))
+            return False
+
+
+class Outputs:
+    """Every member's outputs. Contiguous outputs of one dtype come from one allocation, each at an ALIGN-byte
+    offset; when they also share their trailing dims, one split along dim 0 makes them all (no view per
+    output). Otherwise each output is allocated on its own. Calling returns (tensors, their addresses)."""
+
+    def __init__(self, allocs: list, device):
+        self.allocs, self.device = allocs, device
+        self.mode = "each"
+        if not allocs or len({dt for _, _, dt in allocs}) != 1:
+            return
+        if not all(_is_contiguous(s, st) for s, st, _ in allocs):
+            return
+        self.dtype = allocs[0][2]
+        size = self.dtype.itemsize
+        align = max(1, ALIGN // size)
+        shapes = [tuple(s) for s, _, _ in allocs]
+        numels = [_numel(s) for s in shapes]
+        if all(len(s) >= 1 for s in shapes) and len({s[1:] for s in shapes}) == 1 and \
+                all(n % align == 0 for n in numels):
+            self.mode = "rows"
+            self.shape = (sum(s[0] for s in shapes),) + shapes[0][1:]
+            self.rows = [s[0] for s in shapes]
+            pads = [0] * len(numels)
+        else:
+            self.mode = "flat"
+            pads = [-n % align for n in numels]
+            self.pieces = [v for n, p in zip(numels, pads) for v in (n, p)]
+            self.total = sum(self.pieces)
+            self.shapes = shapes
+        self.offsets, off = [], 0
+        for n, p in zip(numels, pads):
+            self.offsets.append(off * size)
+            off += n + p
+
+    def __call__(self):
+        if self.mode == "rows":
+            buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            outs = buf.unsafe_split_with_sizes(self.rows)    # not autograd views: cheaper, and disjoint
+        elif self.mode == "flat":
+            buf = torch.empty(self.total, dtype=self.dtype, device=self.device)
+            parts = buf.unsafe_split_with_sizes(self.pieces)
+            outs = [parts[2 * k].view(s) for k, s in enumerate(self.shapes)]
+        else:
+            outs = [torch.empty_strided(s, st, dtype=dt, device=self.device) for s, st, dt in self.allocs]
+            return outs, [t.data_ptr() for t in outs]
+        base = buf.data_ptr()
+        return outs, [base + o for o in self.offsets]
 
 
 def _numel(shape):
@@ -78,4 +143,4 @@ def _is_contiguous(shape, stride):
 
 
 def batchable(step) -> bool:
-    return type(step) is KernelStep and hasattr(step.launch, "batch")
+    return type(step) is KernelStep and bool(step.spec.batch_name) and hasattr(step.launch, "batch")

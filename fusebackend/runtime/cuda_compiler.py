@@ -4,7 +4,8 @@ PyTorch's current stream.
 The per-call path is short: everything that depends only on shapes (grid, block, dynamic shared memory, the
 function handle, the int64 meta values) is computed on the first call and kept; a call writes the operand
 pointers into a ctypes copy of the kernel's by-value argument struct (`fb::KArgs`, emit/include/fb_cuda.h)
-and calls cuLaunchKernel. No device buffer is allocated or copied per call.
+and calls cuLaunchKernel. No device buffer is allocated or copied per call. A horizontal batch launches the
+kernel's batch entry (compiled on first use with -DFB_BATCH; planned in runtime/cuda_batch.py) the same way.
 
 Cache key: the source, the GPU architecture, the NVRTC version, the compile options and the header library's
 text. Entries are checked by SHA-256 (runtime/cache.py): a corrupt entry is rebuilt, never loaded.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import glob
-import math
 import os
 import threading
 import weakref
@@ -21,17 +21,13 @@ import weakref
 import torch
 
 from . import cache
+from .cuda_launch import DeviceInfo, arg_struct, plan_launch
 from .steps import LayoutMismatch
 
 INCLUDE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "emit", "include")
 INSTALL_HINT = "pip install cupy-cuda13x"
 BASE_OPTIONS = ("-std=c++17",)
-STATIC_SMEM = 512               # bytes of static shared memory a block-per-row kernel may use (fb_scratch)
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
-# Pointwise grid cap in full waves of resident blocks; 0: one chunk per thread, no cap. Measured on one H100
-# (pointwise_chain_f32_64M, floor 0.268 ms): 1 wave 0.327 ms, 4 waves 0.294 ms, uncapped 0.276 ms.
-PW_WAVES = 0
-MAX_GRID = 2 ** 31 - 1
 
 
 class CupyMissing(RuntimeError):
@@ -88,12 +84,13 @@ def options(arch: int) -> list:
     return list(BASE_OPTIONS) + [target, "-I" + INCLUDE]
 
 
-def compile_image(source: str, name: str, arch: int, cache_dir: str | None = None) -> bytes:
-    """The cubin (or PTX) of `source` for compute capability `arch` (e.g. 90): memory, disk, or NVRTC."""
+def compile_image(source: str, name: str, arch: int, cache_dir: str | None = None, defines=()) -> bytes:
+    """The cubin (or PTX) of `source` for compute capability `arch` (e.g. 90): memory, disk, or NVRTC.
+    `defines`: extra -D options (-DFB_BATCH compiles a kernel's batch entry)."""
     _, nvrtc = _cupy()
     version, archs, headers = _identity()
     target, kind = _target(arch, archs)
-    opts = list(BASE_OPTIONS) + [target, "-I" + INCLUDE]
+    opts = list(BASE_OPTIONS) + [target, "-I" + INCLUDE] + list(defines)
     key = cache.digest(source, arch, version, headers, opts)
     with _lock:
         if key in _images:
@@ -132,96 +129,6 @@ def _nvrtc(nvrtc, source: str, name: str, opts: list, kind: str) -> bytes:
         return (ptx if isinstance(ptx, bytes) else ptx.encode()).rstrip(b"\0") + b"\0"
     finally:
         nvrtc.destroyProgram(prog)
-
-
-# ---------------------------------------------------------------- launch shapes (pure: tested without a GPU)
-
-class DeviceInfo:
-    """What the launch shape depends on, read once per device."""
-
-    def __init__(self, sm_count: int, max_threads_per_sm: int = 2048, smem_optin: int = 48 * 1024,
-                 arch: int = 90):
-        self.sm_count, self.max_threads_per_sm = sm_count, max_threads_per_sm
-        self.smem_optin, self.arch = smem_optin, arch
-
-    @classmethod
-    def of(cls, index: int) -> "DeviceInfo":
-        p = torch.cuda.get_device_properties(index)
-        optin = getattr(p, "shared_memory_per_block_optin", 0) or 48 * 1024
-        return cls(p.multi_processor_count, getattr(p, "max_threads_per_multi_processor", 2048), optin,
-                   p.major * 10 + p.minor)
-
-
-def _round_up(a: int, b: int) -> int:
-    return -(-a // b) * b
-
-
-def plan_launch(spec, meta, dev: DeviceInfo, occupancy=None):
-    """(grid, block, dynamic shared bytes) for one launch, or None when there is nothing to compute.
-
-    `occupancy(threads, smem)` gives resident blocks per SM (the driver's answer); without it the thread
-    limit alone is used. Raises LayoutMismatch when the kernel cannot run this size on this device (the
-    program then runs the group as ATen calls).
-    """
-    hints = spec.launch
-    rank = len(spec.domain)
-    sizes = [int(s) for s in meta[:rank]]
-    occ = occupancy or (lambda threads, smem: max(1, dev.max_threads_per_sm // threads))
-    shape = hints["shape"]
-    vec = max(1, int(hints.get("vec", 1)))
-    tmax = int(hints.get("threads_max", 1024))
-    if shape == "pointwise":
-        n = math.prod(sizes)
-        if n == 0:
-            return None
-        chunks = -(-n // vec)
-        threads = max(32, min(int(hints.get("threads", 256)), tmax, _round_up(chunks, 32)))
-        smem = 0
-        need = -(-chunks // threads)
-    else:
-        rdims = set(spec.reduce_dims)
-        O = math.prod(s for d, s in enumerate(sizes) if d not in rdims)
-        R = math.prod(s for d, s in enumerate(sizes) if d in rdims)
-        if O == 0:
-            return None
-        items = int(hints.get("items_per_thread", 0))
-        smem = 0
-        if shape == "row_warp":
-            if items and R > 32 * items:
-                raise LayoutMismatch("row of %d elements exceeds the %d the kernel holds per warp" % (R, 32 * items))
-            threads = max(32, min(int(hints.get("threads", 128)), tmax, 32 * O))
-            need = -(-O // (threads // 32))
-        else:
-            if items:
-                threads = int(hints["threads"])
-                if R > threads * items:
-                    raise LayoutMismatch("row of %d elements exceeds the %d the kernel holds per block"
-                                         % (R, threads * items))
-            else:
-                pref = 256 if O >= 2 * dev.sm_count else 1024
-                threads = max(32, min(pref, tmax, _round_up(-(-R // vec), 32)))
-            smem = R * int(hints.get("smem_per_elem", 0))
-            if smem + STATIC_SMEM > dev.smem_optin:
-                raise LayoutMismatch("a row needs %d bytes of shared memory; the device allows %d per block"
-                                     % (smem, dev.smem_optin))
-            need = O
-    per_sm = occ(threads, smem)
-    if per_sm <= 0:
-        raise LayoutMismatch("kernel cannot be resident with %d threads and %d bytes of shared memory"
-                             % (threads, smem))
-    waves = PW_WAVES if shape == "pointwise" else 1
-    grid = max(1, min(MAX_GRID, min(need, dev.sm_count * per_sm * waves) if waves > 0 else need))
-    return grid, threads, smem
-
-
-def arg_struct(spec):
-    """A ctypes struct laid out as fb::KArgs<NP, NM> for this kernel."""
-    np_ = spec.num_operands
-    nm = max(1, len(spec.domain) + sum(spec.operand_ranks))
-
-    class KArgs(ctypes.Structure):
-        _fields_ = [("p", ctypes.c_void_p * np_), ("m", ctypes.c_int64 * nm)]
-    return KArgs()
 
 
 # ---------------------------------------------------------------- loading and launching
@@ -264,8 +171,9 @@ class Prepared:
 class CudaKernel:
     """One compiled kernel, itself the launch(tensors, meta) callable that KernelStep calls each time."""
 
-    def __init__(self, spec, image: bytes, driver=None):
+    def __init__(self, spec, image: bytes, driver=None, batch_image=None):
         self.spec, self.image = spec, image
+        self.batch_image = batch_image  # () -> the image of the batch entry, compiled on first use
         self.driver = driver if driver is not None else _cupy()[0]
         self.funcs: dict = {}
         self.occ: dict = {}
@@ -286,27 +194,31 @@ class CudaKernel:
         return {"name": self.spec.name, "grid": p.grid, "block": p.block, "smem": p.smem, "regs": regs,
                 "local_bytes": local, "hints": dict(self.spec.launch)}
 
-    def function(self, index: int) -> int:
-        if index not in self.funcs:
+    def function(self, index: int, batch: bool = False) -> int:
+        """The kernel's function handle on device `index` (its batch entry with batch=True)."""
+        key = (index, batch)
+        if key not in self.funcs:
             import cupy
+            image = self.image
+            if batch:
+                if callable(self.batch_image):
+                    self.batch_image = self.batch_image()
+                image = self.batch_image
             with cupy.cuda.Device(index):
-                module = self.driver.moduleLoadData(self.image)
-                self.funcs[index] = (module, self.driver.moduleGetFunction(module, self.spec.name))
-        return self.funcs[index][1]
+                module = self.driver.moduleLoadData(image)
+                name = self.spec.batch_name if batch else self.spec.name
+                self.funcs[key] = (module, self.driver.moduleGetFunction(module, name))
+        return self.funcs[key][1]
 
     def device_info(self, index: int) -> DeviceInfo:
         return _device(index)
 
-    def prepare(self, p: Prepared, tensors) -> None:
-        index = tensors[-1].get_device() if tensors else torch.cuda.current_device()
-        for i, t in enumerate(tensors):
-            if t.get_device() != index:
-                raise LayoutMismatch("operand %d is on %s, the kernel runs on cuda:%d" % (i, t.device, index))
-        func = self.function(index)
+    def occupancy(self, func, index: int):
+        """occupancy(threads, smem) -> resident blocks per SM of `func` (the driver's answer, kept)."""
         drv = self.driver
 
         def occupancy(threads, smem):
-            key = (index, threads, smem)
+            key = (func, index, threads, smem)
             if key not in self.occ:
                 if smem > 48 * 1024:
                     attr = getattr(drv, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES",
@@ -314,7 +226,15 @@ class CudaKernel:
                     drv.funcSetAttribute(func, attr, smem)
                 self.occ[key] = drv.occupancyMaxActiveBlocksPerMultiprocessor(func, threads, smem)
             return self.occ[key]
-        plan = plan_launch(self.spec, p.values, self.device_info(index), occupancy)
+        return occupancy
+
+    def prepare(self, p: Prepared, tensors) -> None:
+        index = tensors[-1].get_device() if tensors else torch.cuda.current_device()
+        for i, t in enumerate(tensors):
+            if t.get_device() != index:
+                raise LayoutMismatch("operand %d is on %s, the kernel runs on cuda:%d" % (i, t.device, index))
+        func = self.function(index)
+        plan = plan_launch(self.spec, p.values, self.device_info(index), self.occupancy(func, index))
         p.grid, p.block, p.smem = plan if plan is not None else (0, 0, 0)
         p.index, p.func = index, func
         self.last = p
@@ -332,6 +252,21 @@ class CudaKernel:
 
     launch = __call__
 
+    # horizontal batches (runtime/batch.py): the problems' static part once, then pointers and one launch
+    def batch_plan(self, metas, tensors):
+        from .cuda_batch import plan_batch
+        return plan_batch(self, metas, tensors)
+
+    def upload(self, values, index: int) -> torch.Tensor:
+        """int64 values in device memory (a batch's meta table), written once."""
+        return torch.tensor(values, dtype=torch.int64, device=torch.device("cuda", index))
+
+    def batch(self, plan, addrs) -> None:
+        for ln in plan.launches:
+            ln.args.p[:ln.nptr] = addrs[ln.lo:ln.hi] if ln.sel is None else [addrs[i] for i in ln.sel]
+            self.driver.launchKernel(plan.func, ln.grid, 1, 1, plan.block, 1, 1, plan.smem,
+                                     self.stream(plan.index), ln.params_addr, 0)
+
 
 def launcher(spec, opts):
     """Compile `spec` (a KernelSource, target "cuda") now; return its launch(tensors, meta) callable
@@ -340,8 +275,12 @@ def launcher(spec, opts):
     if not torch.cuda.is_available():
         raise RuntimeError("fusebackend: a CUDA kernel was requested but torch sees no CUDA device")
     major, minor = torch.cuda.get_device_capability()
-    image = compile_image(spec.source, spec.name, major * 10 + minor, getattr(opts, "cache_dir", None))
-    return CudaKernel(spec, image)
+    arch, cache_dir = major * 10 + minor, getattr(opts, "cache_dir", None)
+    image = compile_image(spec.source, spec.name, arch, cache_dir)
+    batch = None
+    if spec.batch_name:
+        batch = lambda: compile_image(spec.source, spec.batch_name, arch, cache_dir, ("-DFB_BATCH",))
+    return CudaKernel(spec, image, batch_image=batch)
 
 
 def clear_memory() -> None:

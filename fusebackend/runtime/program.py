@@ -1,8 +1,10 @@
 """The compiled-graph callable: a flat list of steps over an environment of named values."""
 from __future__ import annotations
 
+import operator
 import warnings
 
+from ..graph.fusion_graph import Ref
 from .steps import AtenStep, KernelStep, LayoutMismatch, resolver
 
 
@@ -15,6 +17,9 @@ class Program:
         self.steps = steps
         self.input_names = list(input_names)
         self.outputs = [resolver(o) for o in fg.outputs]
+        names = [o.name for o in fg.outputs if isinstance(o, Ref) and o.item is None]
+        # many plain outputs (a horizontal batch returns a list): one C call gathers them
+        self.gather = operator.itemgetter(*names) if len(names) == len(fg.outputs) >= 2 else None
 
     def __call__(self, args):
         env = dict(zip(self.input_names, args))
@@ -26,6 +31,8 @@ class Program:
             except LayoutMismatch as e:    # specialised layout did not hold: run that group as ATen
                 self.steps[i] = FallbackStep(step.group_nodes, "layout: %s" % e)
                 self.steps[i](env)
+        if self.gather is not None:
+            return list(self.gather(env))
         return [o(env) for o in self.outputs]
 
 

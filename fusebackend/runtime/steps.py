@@ -112,8 +112,9 @@ class DynamicKernelStep(KernelStep):
 def cpu_launcher(lib, spec):
     """ctypes call of a C++ kernel: void k(void** ptrs, const int64_t* meta).
 
-    `launch.pack` turns the meta list into the ctypes array once; KernelStep keeps the packed form;
-    `launch.batch(ptrs, meta, nprob, nptr, nmeta)` runs a horizontal batch of the same kernel."""
+    `launch.pack` turns the meta list into the ctypes array once; KernelStep keeps the packed form.
+    A horizontal batch (runtime/batch.py) calls `launch.batch_plan(metas, tensors)` once, then
+    `launch.batch(plan, addrs)`: the kernel's batch entry, batch(P, M, nprob, nptr, nmeta)."""
     fn = getattr(lib, spec.name)
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     fn.restype = None
@@ -132,8 +133,12 @@ def cpu_launcher(lib, spec):
         bfn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
         bfn.restype = None
 
-        def batch(ptrs, meta, nprob, nptr, nmeta):
-            bfn(ptrs, meta, nprob, nptr, nmeta)
-        launch.batch = batch
-        launch.batch_pointers = lambda addrs: (ctypes.c_void_p * len(addrs))(*addrs)
+        def batch_plan(metas, tensors):
+            nmeta = max(len(m) for m in metas)
+            return pack([v for m in metas for v in list(m) + [0] * (nmeta - len(m))]), len(metas), nmeta
+
+        def batch(plan, addrs):
+            meta, nprob, nmeta = plan
+            bfn((ctypes.c_uint64 * len(addrs))(*addrs), meta, nprob, len(addrs) // nprob, nmeta)
+        launch.batch_plan, launch.batch = batch_plan, batch
     return launch

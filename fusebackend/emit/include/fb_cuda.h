@@ -18,6 +18,17 @@ template <int NP, int NM> struct KArgs {
   int64_t m[NM];
 };
 
+// A horizontal batch: up to K problems of one kernel in one launch (the kernel's `_batch` entry). Problem q's
+// pointers are p[q * NP ...] (written every call), its meta array is meta + q * NM (device memory written once),
+// its blocks are [start[q], start[q + 1]). A block finds its problem by a binary search of `start`, indexing the
+// parameter array directly (taking its address could copy the whole struct to local memory).
+template <int NP, int K> struct BArgs {
+  void* p[NP * K];
+  const int64_t* meta;
+  int32_t nprob;
+  int32_t start[K + 1];
+};
+
 // N consecutive elements of T; aligned to min(16, N * sizeof(T)) so a copy is 16-byte (or narrower) accesses.
 template <int B> struct VAlign { static constexpr int value = B >= 16 ? 16 : (B >= 8 ? 8 : (B >= 4 ? 4 : (B >= 2 ? 2 : 1))); };
 template <class T, int N> struct alignas(VAlign<(int)sizeof(T) * N>::value) Vec { T v[N]; };
