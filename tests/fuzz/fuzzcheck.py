@@ -122,6 +122,7 @@ def run_case(case, *, calls=2):
     STATS["examples"] += 1
     for rep in reps:
         STATS["kernels"] += rep.num_kernels
+        STATS["horizontal batches"] += sum(1 for st in getattr(rep.program, "steps", ()) if st.kind == "batch")
         for _, reason in rep.fallbacks:
             STATS["fallback: " + reason.splitlines()[0][:70]] += 1
     compile_errors = [reason for rep in reps for _, reason in rep.fallbacks if reason.startswith("compile")]

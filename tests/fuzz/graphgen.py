@@ -17,6 +17,7 @@ layer norm) never add finite values big enough to overflow in one summation orde
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 import warnings
 from dataclasses import dataclass, field
@@ -284,6 +285,7 @@ class Builder:
         self.vals: list[Val] = []
         self.lines: list[str] = []
         self.counter = 0
+        self.history: list = []
 
     # -- helpers
     def d(self, strategy):
@@ -322,6 +324,7 @@ class Builder:
             v.uses += 1
         lhs = ", ".join(v.name for v in made)
         self.lines.append("%s = %s" % (lhs, expr))
+        self.history.append((expr, list(operands), exact, bound, half_op, n_out, makes_nonfinite, sums))
         self.vals.extend(made)
         return made
 
@@ -531,6 +534,23 @@ class Builder:
             return False
         return self.new("%s @ %s" % (a.name, b.name), [a, b], False, a.bound * b.bound * max(1, a.shape[-1]),
                         sums=True)
+
+    def op_repeat(self):
+        """An earlier one-operand op again on another value of the same dtype and rank: identical kernels on
+        different tensors (the horizontal batch path)."""
+        done = [h for h in self.history if len(h[1]) == 1]
+        if not done:
+            return False
+        expr, (a,), exact, bound, half_op, n_out, mk, sums = self.choice(done)
+        b = self.pick(lambda v: v is not a and v.dtype == a.dtype and v.meta.dim() == a.meta.dim(),
+                      prefer_recent=False)
+        if b is None or (a.bound is not None and (b.bound is None or b.bound > a.bound)) or \
+                (b.nonfinite and not a.nonfinite) or (a.exact and not b.exact) or (b.half_path and not a.half_path):
+            return False
+        if sums and b.shape != a.shape:      # the summability check was for a's sizes
+            return False
+        new_expr = re.sub(r"\b%s\b" % a.name, b.name, expr)
+        return self.new(new_expr, [b], exact, bound, half_op, n_out, mk, sums)
 
     def op_logical(self):
         a = self.pick(lambda v: v.exact)
@@ -752,7 +772,7 @@ def _arith_bound(name, a, b):
 
 OP_FAMILIES = (("op_binary", 6), ("op_smooth", 3), ("op_exact_unary", 3), ("op_reduce", 3), ("op_rowwise", 2),
                ("op_compare", 2), ("op_where", 2), ("op_cast", 2), ("op_view", 2), ("op_clamp", 1),
-               ("op_logical", 1), ("op_classify", 1), ("op_opaque", 1))
+               ("op_logical", 1), ("op_classify", 1), ("op_opaque", 1), ("op_repeat", 2))
 _WEIGHTED = tuple(name for name, w in OP_FAMILIES for _ in range(w))
 
 
