@@ -97,4 +97,7 @@ class RowPlan:
                 if ref.name in self.members:
                     view = self.fg.node(ref.name).kind == "view"
                     stack.extend((d, under_view or view) for d in self._deps(ref.name))
-        self.cached = [k for k in self.cached if k not in self.uncacheable]
+        # only values spanning the whole domain are cached (stored and read back at the row index); one that
+        # broadcasts into it (a [3] bias in a [33, 3] row group) is simply read again
+        self.cached = [k for k in self.cached if k not in self.uncacheable
+                       and tuple(self.meta_of(Ref(*k)).shape) == self.domain]

@@ -103,3 +103,19 @@ def test_clamp_with_nan_bounds():
     hi = torch.tensor([2.0, float("nan"), 1.0, 0.0, 0.5])
     _exact(lambda x, lo, hi: (torch.clamp(x, min=lo), torch.clamp(x, max=hi), torch.clamp(x, lo, hi),
                               torch.clamp(x, min=float("nan")), torch.trunc(torch.clamp(x, min=lo))), x, lo, hi)
+
+
+# 8. A row kernel cached every value read in two phases, also one that only broadcasts into the row domain
+#    (a [3] input in a [33, 3] RMS-norm group read again by the epilogue): it was stored and reloaded at the
+#    full row index, and the emitter crashed (IndexError) -- the group fell back to ATen.
+def test_row_group_reading_a_broadcast_input_in_two_phases():
+    def f(x, w):
+        v = x * w
+        r = (v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6))
+        return torch.add(w, r, alpha=2)
+    import fusebackend
+    args = (torch.randn(33, 3), torch.randn(3))
+    rep = fusebackend.explain(f, *args)
+    assert not rep.fallbacks and rep.num_kernels == 1, str(rep)
+    got, ref = torch.compile(f, backend="fuse")(*args), f(*args)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
