@@ -131,6 +131,8 @@ class Val:
     half_path: bool = False         # computed through half-type arithmetic somewhere upstream
     nonfinite: bool = False         # may hold NaN or +-Inf
     reassoc: bool = False           # computed through a float sum whose order may differ (sum, mean, var, norms)
+    zamb: bool = False              # a zero's sign may differ: max/min/clamp of -0.0 vs 0.0 has no one eager
+                                    # answer (ATen's vector loop returns one operand, its scalar loop the other)
     uses: int = 0
 
     @property
@@ -270,6 +272,10 @@ LOGICAL = {"and": "torch.logical_and({0}, {1})", "or": "torch.logical_or({0}, {1
 BITWISE = {"band": "{0} & {1}", "bor": "{0} | {1}", "bxor": "{0} ^ {1}"}
 
 
+ZAMB_OPS = re.compile(r"\b(maximum|minimum|fmax|fmin|amax|amin|clamp|clamp_min|relu|hardtanh|leaky_relu|"
+                      r"cummax|sort|elu|selu|hardswish|hardsigmoid)\(")
+
+
 def broadcastable(a: tuple, b: tuple) -> bool:
     for x, y in zip(reversed(a), reversed(b)):
         if x != y and x != 1 and y != 1:
@@ -318,7 +324,8 @@ class Builder:
             ob = self._bound(o.dtype, bound)
             nonfinite = o.dtype in FLOAT and (makes_nonfinite or ob is None or any(v.nonfinite for v in operands))
             reassoc = any(v.reassoc for v in operands) or (sums and any(_isfloat(v) for v in operands))
-            v = Val("v%d" % self.counter, o, exact and not hp, ob, hp, nonfinite, reassoc)
+            zamb = o.dtype in FLOAT and (any(v.zamb for v in operands) or ZAMB_OPS.search(expr) is not None)
+            v = Val("v%d" % self.counter, o, exact and not hp, ob, hp, nonfinite, reassoc, zamb)
             made.append(v)
         for v in operands:
             v.uses += 1
@@ -345,7 +352,7 @@ class Builder:
         """v's name, or `(v + 0.0)` for an inexact float: a zero whose sign differs between two correct formulas
         (x - mean is +0 in one, -0 in the other) must not reach 1/x, rsqrt or atan2, which turn the sign into
         -inf vs inf or -pi vs pi. Adding +0.0 makes every zero +0 in eager and in the kernel alike."""
-        return v.name if v.exact or not _isfloat(v) else "(%s + 0.0)" % v.name
+        return v.name if (v.exact and not v.zamb) or not _isfloat(v) else "(%s + 0.0)" % v.name
 
     def pick(self, pred=lambda v: True, prefer_recent=True):
         cands = [v for v in self.vals if pred(v)]
@@ -474,7 +481,7 @@ class Builder:
         if not (a.exact and b.exact) or torch.bool in (a.dtype, b.dtype):
             return False
         name = self.choice(sorted(BINARY_DISC))
-        bname = b.name
+        bname = self.zs(b)
         if b.dtype in INT:
             bname = "(torch.abs(%s) + 1)" % b.name
         bound = None
@@ -502,6 +509,8 @@ class Builder:
         if a is None:
             return False
         name = self.choice(sorted(CLASSIFY))
+        if name == "signbit" and a.zamb:
+            return False
         return self.new(CLASSIFY[name].format(a.name), [a], True, 1.0)
 
     def op_opaque(self):

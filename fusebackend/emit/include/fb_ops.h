@@ -68,9 +68,11 @@ FB_BINARY(Add, T, a + b)
 FB_BINARY(Sub, T, a - b)
 FB_BINARY(Mul, T, a * b)
 FB_BINARY(Div, T, a / b)
-// ties (including -0.0 vs 0.0) return the first operand, as ATen's maximum/minimum/fmax/fmin do
-FB_BINARY(Maximum, T, isnan_(a) ? a : (isnan_(b) ? b : (a < b ? b : a)))
-FB_BINARY(Minimum, T, isnan_(a) ? a : (isnan_(b) ? b : (b < a ? b : a)))
+// A tie between -0.0 and 0.0 returns what ATen's vectorized loop returns: the second operand for maximum and
+// minimum (_mm256_max_ps), the first for fmax and fmin. (Its scalar loop -- tensors under 8 elements, loop
+// tails -- returns the first for maximum/minimum: eager itself is not consistent there.)
+FB_BINARY(Maximum, T, isnan_(a) ? a : (isnan_(b) ? b : (a > b ? a : b)))
+FB_BINARY(Minimum, T, isnan_(a) ? a : (isnan_(b) ? b : (a < b ? a : b)))
 FB_BINARY(Fmax, T, isnan_(a) ? b : (isnan_(b) ? a : (a < b ? b : a)))
 FB_BINARY(Fmin, T, isnan_(a) ? b : (isnan_(b) ? a : (b < a ? b : a)))
 FB_BINARY(Eq, bool, a == b)
