@@ -251,6 +251,9 @@ EXACT_UNARY = {
 }
 MAKES_NONFINITE = {"log", "log1p", "rsqrt", "reciprocal", "pow_half", "sqrt", "log2", "log10", "asin", "acos",
                    "tan"}
+DOMAIN_EDGE = {"log": "torch.abs(%s)", "log1p": "torch.abs(%s)", "log2": "torch.abs(%s)", "log10": "torch.abs(%s)",
+               "pow_half": "torch.abs(%s)", "rsqrt": "torch.abs(%s)", "asin": "torch.clamp(%s, -1.0, 1.0)",
+               "acos": "torch.clamp(%s, -1.0, 1.0)"}
 TRANSPARENT = {"neg", "abs", "relu", "floor", "ceil", "round", "trunc", "sign"}   # results stay representable
 BINARY_ARITH = {"add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "div": "{0} / {1}",
                 "add_alpha": "torch.add({0}, {1}, alpha=2)", "sub_alpha": "torch.sub({0}, {1}, alpha=-1)"}
@@ -376,6 +379,8 @@ class Builder:
             return False    # cos(1e8 +- one ulp) is any number in [-1, 1]: no kernel can match that
         bound = bfn(a.bound) if (bfn and a.bound is not None) else None
         arg = self.zs(a) if name in ("rsqrt", "reciprocal") else a.name
+        if not a.exact and name in DOMAIN_EDGE:    # log(-1e-9) is NaN, log(+1e-9) is not: keep inexact
+            arg = DOMAIN_EDGE[name] % a.name         # arguments off the edge of the op's domain
         return self.new(expr.format(arg), [a], False, bound, half_op="inner" if name == "mish_like" else True,
                         makes_nonfinite=name in MAKES_NONFINITE)
 
@@ -390,6 +395,8 @@ class Builder:
             return False
         if a.dtype in INT and name in ("floor", "ceil", "round", "trunc", "sqrt"):
             return False
+        if name == "sqrt" and not a.exact:
+            expr = "torch.sqrt(torch.abs({0}))"
         bound = bfn(a.bound) if a.bound is not None else None
         if a.dtype in INT and (bound is None or bound > 2 ** 30):
             return False
