@@ -79,10 +79,11 @@ def emit_reduction(fg: FusionGraph, group) -> KernelSource:
 
 
 def _acc_type(dtype, red_op) -> str:
-    """A float32 mean adds in double: the mean of a constant row is then exactly that constant (as ATen's
-    Welford mean is), so x - mean is exactly 0 and a layer norm of a constant row is 0, not rounding noise
-    amplified by rsqrt(var + eps)."""
-    if red_op == "mean" and dtype == torch.float32:
+    """A float32 sum or mean adds in double. The mean of a constant row is then exactly that constant (as
+    ATen's Welford mean is), so a layer norm of a constant row is 0, not rounding noise amplified by
+    rsqrt(var + eps); and a long row (a variance over 70k elements) is as exact as ATen's double Welford,
+    where float lanes drifted by 1e-4. Cost measured on the 2-core box: ~4% on softmax 1024x4096."""
+    if red_op in ("sum", "mean") and dtype == torch.float32:
         return "double"
     return C.compute(dtype)
 
