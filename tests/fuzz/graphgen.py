@@ -357,6 +357,14 @@ class Builder:
         -inf vs inf or -pi vs pi. Adding +0.0 makes every zero +0 in eager and in the kernel alike."""
         return v.name if (v.exact and not v.zamb) or not _isfloat(v) else "(%s + 0.0)" % v.name
 
+    @staticmethod
+    def divisor(v: Val) -> str:
+        """A divisor: zero-sign-safe (zs); one that went through a float sum is also kept away from 0, where
+        1/x turns the sum's rounding (another order than ATen's) into any relative error at all."""
+        if v.reassoc and _isfloat(v):
+            return "(torch.abs(%s) + 0.5)" % v.name
+        return Builder.zs(v)
+
     def pick(self, pred=lambda v: True, prefer_recent=True):
         cands = [v for v in self.vals if pred(v)]
         if not cands:
@@ -378,9 +386,9 @@ class Builder:
         if name in ("sin", "cos", "tan") and not (a.exact or (a.bound is not None and a.bound <= 100)):
             return False    # cos(1e8 +- one ulp) is any number in [-1, 1]: no kernel can match that
         bound = bfn(a.bound) if (bfn and a.bound is not None) else None
-        arg = self.zs(a) if name in ("rsqrt", "reciprocal") else a.name
+        arg = self.divisor(a) if name in ("rsqrt", "reciprocal") else a.name
         if not a.exact and name in DOMAIN_EDGE:    # log(-1e-9) is NaN, log(+1e-9) is not: keep inexact
-            arg = DOMAIN_EDGE[name] % a.name         # arguments off the edge of the op's domain
+            arg = DOMAIN_EDGE[name] % arg            # arguments off the edge of the op's domain
         return self.new(expr.format(arg), [a], False, bound, half_op="inner" if name == "mish_like" else True,
                         makes_nonfinite=name in MAKES_NONFINITE)
 
@@ -442,7 +450,7 @@ class Builder:
             if name == "div" and s == 0:
                 return False
             expr = BINARY_ARITH[name].format(*((a.name, _fmt(s)) if fam == "scalar" else
-                                              (_fmt(s), self.zs(a) if name == "div" else a.name)))
+                                              (_fmt(s), self.divisor(a) if name == "div" else a.name)))
             exact = a.exact and not (name == "div")
             bound = _arith_bound(name, a.bound, abs(s)) if fam == "scalar" or name != "div" else None
             if isint and isinstance(s, int) and name != "div" and (bound is None or bound > 2 ** 30):
@@ -466,13 +474,13 @@ class Builder:
                     bound *= 2
                 if intres and (bound is None or bound > 2 ** 30):
                     return False
-            bname = self.zs(b) if name == "div" else b.name
+            bname = self.divisor(b) if name == "div" else b.name
             return self.new(BINARY_ARITH[name].format(a.name, bname), [a, b], a.exact and b.exact, bound,
                             half_op=True, makes_nonfinite=name == "div")
         if fam == "select":
             name = self.choice(sorted(BINARY_SELECT))
-            if name == "copysign":
-                if not (_isfloat(a) or _isfloat(b)):
+            if name == "copysign":       # (the sign of a NaN is no one's to promise)
+                if not (_isfloat(a) or _isfloat(b)) or b.nonfinite:
                     return False
                 return self.new(BINARY_SELECT[name].format(a.name, self.zs(b)), [a, b], a.exact and b.exact, a.bound)
             return self.new(BINARY_SELECT[name].format(a.name, b.name), [a, b], a.exact and b.exact,
@@ -516,7 +524,7 @@ class Builder:
         if a is None:
             return False
         name = self.choice(sorted(CLASSIFY))
-        if name == "signbit" and a.zamb:
+        if name == "signbit" and (a.zamb or a.nonfinite):
             return False
         return self.new(CLASSIFY[name].format(a.name), [a], True, 1.0)
 

@@ -15,6 +15,8 @@ FB_HD float sqrt_(float x) { return sqrtf(x); }
 FB_HD float rsqrt_(float x) { return rsqrtf(x); }
 FB_HD float floor_(float x) { return floorf(x); }
 FB_HD float rint_(float x) { return rintf(x); }
+FB_HD float sinh_(float x) { return sinhf(x); }
+FB_HD float cosh_(float x) { return coshf(x); }
 #else
 FB_HD float floor_(float x) { return __builtin_floorf(x); }
 FB_HD float rint_(float x) { return __builtin_rintf(x); }
@@ -113,6 +115,24 @@ FB_HD float erf_(float x) {
   big = bits_to_float(float_to_bits(big) | sign);
   return ax < 1.0f ? small : big;
 }
+
+// sinh, cosh from exp_: they overflow where exp(|x|) does (|x| > 88.72), as ATen's CPU kernels (Sleef) do
+// (the C library's coshf stays finite up to 89.4); and they vectorize.
+FB_HD float cosh_(float x) {
+  float e = exp_(bits_to_float(float_to_bits(x) & 0x7fffffffu));
+  return 0.5f * e + 0.5f / e;
+}
+FB_HD float sinh_(float x) {
+  uint32_t sign = float_to_bits(x) & 0x80000000u;
+  float ax = bits_to_float(float_to_bits(x) & 0x7fffffffu);
+  float t = expm1_(ax);                        // |x| < 1: no cancellation in e - 1/e
+  float small = 0.5f * (t + t / (t + 1.0f));
+  float e = exp_(ax);
+  float big = 0.5f * e - 0.5f / e;
+  float y = ax < 1.0f ? small : big;
+  y = bits_to_float(float_to_bits(y) | sign);
+  return x != x ? x : y;
+}
 #endif
 
 // Double precision: the library functions (not the hot path).
@@ -125,5 +145,7 @@ FB_HD double sqrt_(double x) { return sqrt(x); }
 FB_HD double rsqrt_(double x) { return 1.0 / sqrt(x); }
 FB_HD double floor_(double x) { return floor(x); }
 FB_HD double rint_(double x) { return rint(x); }
+FB_HD double sinh_(double x) { return sinh(x); }
+FB_HD double cosh_(double x) { return cosh(x); }
 
 }  // namespace fb
