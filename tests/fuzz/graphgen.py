@@ -178,8 +178,18 @@ class Case:
         ins = ",\n".join("        " + s.expr() for s in self.inputs)
         halves = sorted(k for k, v in self.half_path.items() if v)
         sums = sorted(k for k, v in self.reassoc.items() if v)
-        return ("Case(inputs=[\n%s],\n    seed=%d, half_path=%r, reassoc=%r,\n    source='''\n%s''')"
+        return ("Case.from_source(inputs=[\n%s],\n    seed=%d, half_path=%r, reassoc=%r,\n    source='''\n%s''')"
                 % (ins, self.seed, halves, sums, self.source))
+
+    @classmethod
+    def from_source(cls, inputs, seed, half_path, reassoc, source):
+        """The inverse of repr(): a printed failing case, pasted back, is the same case."""
+        lines = [l.strip() for l in source.strip().splitlines()[1:]]
+        ret = lines.pop()
+        assert ret.startswith("return (") and ret.endswith(",)"), ret
+        outs = [o.strip() for o in ret[len("return ("):-2].split(",")]
+        return cls(inputs=list(inputs), lines=lines, outputs=outs, half_path={o: o in half_path for o in outs},
+                   reassoc={o: o in reassoc for o in outs}, seed=seed)
 
 
 # ---------------------------------------------------------------- ops

@@ -16,7 +16,8 @@ Profiles:
   another stream:     FUSEBACKEND_FUZZ_SEED=<int> (otherwise derandomized)
   survey mode:        FUSEBACKEND_FUZZ_LOG=<file>: record every failing case in <file> and go on (no shrinking)
                       instead of stopping at the first failure; the test fails at the end if any was found.
-A failing example prints as a `Case(...)` (its source and input recipe); paste it into test_regressions.py.
+A failing example prints as `Case.from_source(...)` (its source and input recipe), which evaluates back to
+the case: paste it into test_regressions.py and call fuzzcheck.run_case on it.
 """
 import os
 import time
