@@ -159,7 +159,15 @@ class ExprBuilder:
             want = "bool" if (pw.template == "Where" and i == 0) else op_ct
             if isinstance(o, Ref):
                 v = self.value(o, project(idx, self.meta_of(o).shape))
-                args.append(v if self.ctype_of(o) == want else "(%s)%s" % (want, v))
+                have = self.ctype_of(o)
+                if have == want:
+                    args.append(v)
+                elif have == "int64_t" and want in ("float", "double"):
+                    # not a plain cast: g++ folds (float)(int64_t)x into trunc(x), keeping a zero's sign
+                    # (x / x.to(int64) was +inf for x = -0.01; eager: -inf). See fb_core.h.
+                    args.append("fb::i2%s(%s)" % (want[0], v))
+                else:
+                    args.append("(%s)%s" % (want, v))
             else:
                 if pw.template in COMPARE and not isinstance(o, bool):
                     dt = self.operand_dtype(pw, out_dtype)

@@ -148,3 +148,11 @@ def test_cosh_sinh_overflow_where_eager_does():
     got = torch.compile(lambda x: (torch.cosh(x), torch.sinh(x)), backend="fuse")(x)
     for g, r in zip(got, (torch.cosh(x), torch.sinh(x))):
         torch.testing.assert_close(g, r, rtol=1e-6, atol=0, equal_nan=True)
+
+
+# 11. g++ (-fno-trapping-math, SSE4.1) folds (float)(int64_t)x into trunc(x), which keeps a zero's sign:
+#     x / x.to(torch.int64) for x = -0.01 was +inf (eager: -0.01 / 0 = -inf). int -> float now goes
+#     through fb::i2f, which sets the sign from the integer.
+def test_float_to_int_to_float_keeps_eager_zero_sign():
+    x = torch.tensor([-0.0123, 0.5, -3.7, 2.2, -0.0, 0.0, -0.99, 7.0] * 8)
+    _exact(lambda a: (a / a.to(torch.int64), 1 / (a.to(torch.int32) * 1.0), a / a.double().to(torch.int64)), x)

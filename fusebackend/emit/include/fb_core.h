@@ -123,6 +123,12 @@ template <> FB_HD half st<half, int64_t>(int64_t v) { return to_half((float)v); 
 template <> FB_HD bf16 st<bf16, bool>(bool v) { return to_bf16(v ? 1.0f : 0.0f); }
 template <> FB_HD half st<half, bool>(bool v) { return to_half(v ? 1.0f : 0.0f); }
 
+// int64 -> float/double where the integer may come from a float -> int cast in the same kernel: g++ (with
+// -fno-trapping-math and SSE4.1) folds (float)(int64_t)x into trunc(x), which keeps the sign of a zero
+// (-0.5 -> -0.0 where the integer 0 converts to +0.0). The sign is set from the integer again.
+FB_HD float i2f(int64_t i) { return copysignf((float)i, (float)((i >> 63) | 1)); }
+FB_HD double i2d(int64_t i) { return copysign((double)i, (double)((i >> 63) | 1)); }
+
 // Rounding a float value to a narrower float type (an explicit cast inside a fused chain).
 FB_HD float round_bf16(float v) { return to_float(to_bf16(v)); }
 FB_HD float round_half(float v) { return to_float(to_half(v)); }
