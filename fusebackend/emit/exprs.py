@@ -178,6 +178,13 @@ class ExprBuilder:
         if pw.template == "Identity" and out_dtype in HALF and pw.operands and isinstance(pw.operands[0], Ref):
             if self.meta_of(pw.operands[0]).dtype != out_dtype:   # an explicit narrowing cast rounds
                 expr = "fb::round_%s(%s)" % ("bf16" if out_dtype == torch.bfloat16 else "half", expr)
+        elif pw.template == "Identity" and out_dtype.is_floating_point and pw.operands \
+                and isinstance(pw.operands[0], Ref) and pw.operands[0].name in self.members:
+            # widening a half value computed here: eager widens the rounded value, and so does any other
+            # consumer that reads it back from memory (where(m, h, h.float()) was not constant)
+            src = self.meta_of(pw.operands[0]).dtype
+            if src in HALF and out_dtype not in HALF:
+                expr = "fb::round_%s(%s)" % ("bf16" if src == torch.bfloat16 else "half", expr)
         var = self.fresh()
         self.emit("%s %s = (%s)(%s);" % (out_ct, var, out_ct, expr))
         return var

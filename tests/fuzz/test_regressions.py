@@ -156,3 +156,19 @@ def test_cosh_sinh_overflow_where_eager_does():
 def test_float_to_int_to_float_keeps_eager_zero_sign():
     x = torch.tensor([-0.0123, 0.5, -3.7, 2.2, -0.0, 0.0, -0.99, 7.0] * 8)
     _exact(lambda a: (a / a.to(torch.int64), 1 / (a.to(torch.int32) * 1.0), a / a.double().to(torch.int64)), x)
+
+
+# 12. where(m, h, h.float()) with h = tanh(bf16) computed in one kernel: one branch read h back from memory
+#     (rounded to bf16), the widening cast used the unrounded float in a register, so a constant row had a
+#     non-zero std. A widening cast of a half value computed in the kernel now rounds it first, as eager does.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_widening_cast_of_a_computed_half_value_rounds_it(dtype):
+    def f(m, a):
+        h = torch.tanh(a)
+        w = torch.where(m, h, h.to(torch.float32))
+        return h, w, torch.std(w, (-1,), correction=0)
+    m = torch.tensor([True, False, True, False, False, True, True])
+    for a in (torch.tensor(3.2031, dtype=dtype), torch.randn((), dtype=dtype)):
+        got, ref = torch.compile(f, backend="fuse")(m, a), f(m, a)
+        for g, r in zip(got, ref):
+            assert torch.equal(g, r), (g, r)
