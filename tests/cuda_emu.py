@@ -34,7 +34,7 @@ PRELUDE = r"""
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 struct emu_dim3 { unsigned x, y, z; };
 static thread_local emu_dim3 threadIdx;

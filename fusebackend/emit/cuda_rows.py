@@ -32,7 +32,13 @@ class _RowShape:
         self.kc, self.smem_per_elem = kc, smem_per_elem
 
 
-def _choose_shape(R, V, cache_types) -> _RowShape:
+def _fits_registers(kc, V, creg, item_bytes) -> bool:
+    return (T.ROW_CACHE != "smem" and kc * V <= T.MAX_UNROLL and kc * V * item_bytes <= T.REG_ROW_BYTES
+            and kc * V * creg <= T.REG_BUDGET)
+
+
+def _choose_shape(R, V, cache_types, item_bytes=1) -> _RowShape:
+    """item_bytes: size of the narrowest operand's elements (the register limit counts its bytes)."""
     creg = sum(2 if _ctype_size(t) == 8 else 1 for t in cache_types)
     nbytes = sum(_ctype_size(t) for t in cache_types)
     if not isinstance(R, int):
@@ -44,13 +50,13 @@ def _choose_shape(R, V, cache_types) -> _RowShape:
         if not cache_types:
             return _RowShape("warp", "none", 32 * T.WARP_ROWS_PER_BLOCK, 32 * T.WARP_ROWS_PER_BLOCK)
         kc = _ceil(nc, 32)
-        if kc * V * creg <= T.REG_BUDGET and kc * V <= T.MAX_UNROLL:
+        if kc * V * creg <= T.REG_BUDGET and kc * V <= T.MAX_UNROLL and T.ROW_CACHE != "smem":
             return _RowShape("warp", "reg", 32 * T.WARP_ROWS_PER_BLOCK, 32 * T.WARP_ROWS_PER_BLOCK, kc)
     if not cache_types:
         return _RowShape("block", "none", 256, T.BLOCK_BOUND)
     for t in (128, 256, 512, 1024):
         kc = _ceil(nc, t)
-        if kc * V <= T.MAX_UNROLL and kc * V * creg <= T.REG_BUDGET:
+        if _fits_registers(kc, V, creg, item_bytes):
             threads = max(32, _ceil(_ceil(nc, kc), 32) * 32)
             return _RowShape("block", "reg", threads, threads, kc)
     if R * nbytes <= T.SMEM_CACHE_MAX:
@@ -85,7 +91,8 @@ def _gen_reduction(fg: FusionGraph, group, V: int):
     for d in rdims:
         R = R * group.domain[d] if isinstance(group.domain[d], int) and isinstance(R, int) else None
     cache_types = [C.compute(b.meta_of(ref_of(k)).dtype) for k in plan.cached]
-    shape = _choose_shape(R, V, cache_types)
+    item_bytes = min((op.meta.dtype.itemsize for op in b.operands), default=4)
+    shape = _choose_shape(R, V, cache_types, item_bytes)
     cached = [] if shape.cache == "recompute" else list(plan.cached)
     # 8-byte values first so every shared-memory slice stays aligned
     order = sorted(range(len(cached)), key=lambda i: -_ctype_size(cache_types[i]))

@@ -19,9 +19,13 @@ PW_VEC_BYTES = 16           # bytes per thread per chunk, pointwise (32: two 16-
 MAX_VEC = 16                # elements per thread per chunk
 REG_BUDGET = 64             # 32-bit registers per thread for row values cached between phases
 MAX_UNROLL = 16             # unrolled elements per thread when the row is cached in registers
-# Measured on one H100 (16384x4096 rows, ms): MAX_UNROLL 8 / 16 / 32: softmax f32 0.297 / 0.289 / 0.359,
-# layer norm + gelu bf16 0.240 / 0.217 / 0.229; VEC_BYTES 32 instead of 16: softmax 0.292 vs 0.281,
-# RMS norm bf16 0.114 vs 0.102, layer norm 0.176 vs 0.180 (noise): 16 bytes and 16 elements it is.
+REG_ROW_BYTES = 32          # ... and at most this many bytes of the narrowest operand per thread
+ROW_CACHE = "auto"          # "auto": registers when the row fits the two limits above, else shared memory;
+                            # "smem": never registers (tuning)
+# Measured on one H100 (16384x4096 rows, ms), bench/tune_rows.py, 2026-11-27, one block per row (ROW_WAVES 0):
+# 8 / 16 elements per thread: softmax f32 0.268 / 0.276, layer norm + gelu bf16 0.199 / 0.172,
+# RMS norm bf16 0.097 / 0.097 -- i.e. 32 bytes of input per thread, whatever the type. Earlier (persistent
+# grid): VEC_BYTES 32 instead of 16: softmax 0.292 vs 0.281, RMS norm 0.114 vs 0.102: 16-byte chunks.
 WARP_ROW_MAX = 1024         # rows this short run one per warp (no block barrier)
 WARP_ROWS_PER_BLOCK = 4     # warps (rows) per block in the warp shape
 BLOCK_BOUND = 1024          # __launch_bounds__ of block-per-row kernels that hold nothing in registers

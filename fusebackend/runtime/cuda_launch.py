@@ -13,6 +13,10 @@ STATIC_SMEM = 512               # bytes of static shared memory a block-per-row 
 # Pointwise grid cap in full waves of resident blocks; 0: one chunk per thread, no cap. Measured on one H100
 # (pointwise_chain_f32_64M, floor 0.268 ms): 1 wave 0.327 ms, 4 waves 0.294 ms, uncapped 0.276 ms.
 PW_WAVES = 0
+# Block-per-row grid cap in waves of resident blocks; 0: one block per row. Measured on one H100 (16384 rows of
+# 4096, ms, 1 wave / uncapped): softmax f32 0.278 / 0.276, layer norm + gelu bf16 0.180 / 0.172, RMS norm bf16
+# 0.0975 / 0.0965 (bench/tune_rows.py): the block scheduler balances the tail better than a row loop.
+ROW_WAVES = 0
 MAX_GRID = 2 ** 31 - 1
 
 
@@ -89,7 +93,7 @@ def plan_launch(spec, meta, dev: DeviceInfo, occupancy=None):
     if per_sm <= 0:
         raise LayoutMismatch("kernel cannot be resident with %d threads and %d bytes of shared memory"
                              % (threads, smem))
-    waves = PW_WAVES if shape == "pointwise" else 1
+    waves = PW_WAVES if shape == "pointwise" else (ROW_WAVES if shape == "row_block" else 1)
     grid = max(1, min(MAX_GRID, min(need, dev.sm_count * per_sm * waves) if waves > 0 else need))
     return grid, threads, smem
 

@@ -1,0 +1,61 @@
+"""Run the GPU anchors once each under fuse and under Inductor, for a profiler to watch (issue 3).
+
+    ncu --clock-control none --kernel-name regex:'fb_|triton' python3 bench/profile_gpu.py [--only SUBSTR]
+    python3 bench/profile_gpu.py --torch-profiler [--only SUBSTR]   # per-kernel GPU time, no ncu needed
+
+Not a benchmark (bench/gpu.py is): each compiled function runs twice (the first call compiles), so the
+profiler sees every kernel of the steady state. With --torch-profiler it prints, per workload and backend,
+the GPU time of each kernel name summed over 20 calls / 20.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from workloads import gpu_workloads  # noqa: E402
+
+BACKENDS = {"fuse": dict(backend="fuse"), "inductor": dict()}
+
+
+def _kernel_table(fn, args, calls=20):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn(*args)
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / calls, e.count // calls) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=None)
+    ap.add_argument("--torch-profiler", action="store_true")
+    opts = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for name, fn, make_args, _ in gpu_workloads("cuda", opts.only):
+        args = make_args("cuda", g)
+        for bname, kw in BACKENDS.items():
+            torch._dynamo.reset()
+            cfn = torch.compile(fn, **kw)
+            with torch.no_grad():
+                for _ in range(2):
+                    cfn(*args)
+                torch.cuda.synchronize()
+                if opts.torch_profiler:
+                    rows = _kernel_table(cfn, args)
+                    total = sum(r[1] for r in rows)
+                    print("== %s / %s: %.1f us GPU time per call, %d kernel launches"
+                          % (name, bname, total, sum(r[2] for r in rows)))
+                    for key, us, n in rows[:12]:
+                        print("   %8.1f us  x%-3d %s" % (us, n, key[:90]))
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
