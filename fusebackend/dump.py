@@ -20,7 +20,8 @@ import warnings
 from .dump_text import render_text
 
 FORMAT = "fusebackend-dump/1"
-_KERNEL_NAME = re.compile(r'extern\s+"C"\s+(?:__global__\s+)?(?:__launch_bounds__\s*\([^)]*\)\s+)?void\s+(\w+)\s*\(')
+_BOUNDS = r'(?:__launch_bounds__\s*\([^)]*\)\s+)?'
+_KERNEL_NAME = re.compile(r'extern\s+"C"\s+(?:__global__\s+)?' + _BOUNDS + r'void\s+' + _BOUNDS + r'(\w+)\s*\(')
 _lock = threading.Lock()
 _warned = []
 

@@ -266,3 +266,12 @@ def test_progress_only_on_a_terminal(monkeypatch):
     progress.step()
     progress.done()
     assert "compiling kernels 1/2" in tty.getvalue() and "2/2" in tty.getvalue()
+
+
+def test_dump_names_cuda_kernels_by_their_entry_point():
+    # the CUDA signature puts __launch_bounds__ after `void`; every .cu file was called kernel___launch_bounds__
+    from fusebackend.dump import kernel_file_name, source_name
+    src = 'extern "C" __global__ void __launch_bounds__(256) fb_cu_red_0d5e(const fb::KArgs<3, 4> A) {}'
+    assert source_name(src) == "fb_cu_red_0d5e"
+    assert kernel_file_name(source_name(src), src) == "kernel_fb_cu_red_0d5e.cu"
+    assert source_name('extern "C" void fb_poi_12(void** P, const int64_t* M) {}') == "fb_poi_12"
