@@ -10,6 +10,8 @@ import functools
 import torch
 from torch._decomp import core_aten_decompositions, get_decompositions
 
+from . import decomp_gemv
+
 aten = torch.ops.aten
 HALF = (torch.float16, torch.bfloat16)
 
@@ -63,7 +65,9 @@ def native_layer_norm(x, normalized_shape, weight, bias, eps):
 
 
 @functools.lru_cache(None)
-def table() -> dict:
+def table(gemv_max_rows: int = 0) -> dict:
+    """gemv_max_rows > 0: GPU half-type matrix products with at most that many rows become fusable row
+    reductions (decomp_gemv.py)."""
     # Attention stays one opaque ATen call (its kernels beat any decomposition; and the CPU flash-attention
     # decomposition in core ATen gives wrong gradients under AOT autograd, seen with torch 2.13).
     d = {k: v for k, v in core_aten_decompositions().items() if "scaled_dot_product" not in str(k)}
@@ -75,4 +79,7 @@ def table() -> dict:
     d[aten.var.correction] = var_correction
     d[aten.var_mean.correction] = var_mean_correction
     d[aten.native_layer_norm.default] = native_layer_norm
+    if gemv_max_rows > 0:
+        d[aten.mm.default] = decomp_gemv.mm_decomposition(gemv_max_rows)
+        d[aten.addmm.default] = decomp_gemv.addmm_decomposition(gemv_max_rows)
     return d

@@ -35,6 +35,9 @@ class FuseOptions:
     compile_threads: int = 0
     # Write graphs, groups and sources of every compiled graph to this folder (also $FUSEBACKEND_DUMP_DIR).
     dump_dir: Optional[str] = None
+    # Matrix products on the GPU with at most this many rows (half types, nn.Linear weights) become fused
+    # reduction kernels with their epilogue instead of cuBLAS calls; 0: always cuBLAS.
+    gemv_max_rows: int = 16
 
     @classmethod
     def from_dict(cls, options) -> "FuseOptions":
@@ -65,3 +68,5 @@ class FuseOptions:
         need(isinstance(self.compile_threads, int) and not isinstance(self.compile_threads, bool)
              and self.compile_threads >= 0, "compile_threads", "an int >= 0")
         need(self.dump_dir is None or isinstance(self.dump_dir, str), "dump_dir", "a path string or None")
+        need(isinstance(self.gemv_max_rows, int) and not isinstance(self.gemv_max_rows, bool)
+             and self.gemv_max_rows >= 0, "gemv_max_rows", "an int >= 0")
