@@ -7,7 +7,8 @@ sums in float32, one rounding at the end, as cuBLAS does for half types -- the p
 reduction over K: the vertical pass fuses the casts into it and the pointwise epilogue after it
 (silu(x @ Wg) * (x @ Wu) is one kernel that reads x once and both weights once).
 
-Only where it pays: half-type operands on a GPU, M a static size of at most `max_rows`, and the weight
+Only where it pays: half-type operands on a GPU, M a static size of at most `max_rows` (FuseOptions.
+gemv_max_rows; each row of the reduction re-reads its weight row, so only M = 1 is a sure win), and the weight
 stored as [N, K] rows (an nn.Linear weight: `b` is its transpose, stride (1, K)), so the reduction reads
 16-byte vectors along K. Anything else returns NotImplemented: ATen's mm.
 """
