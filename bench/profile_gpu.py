@@ -2,6 +2,7 @@
 
     ncu --clock-control none --kernel-name regex:'fb_|triton' python3 bench/profile_gpu.py [--only SUBSTR]
     python3 bench/profile_gpu.py --torch-profiler [--only SUBSTR]   # per-kernel GPU time, no ncu needed
+    python3 bench/profile_gpu.py --torch-profiler --zoo hf_bert      # a model-zoo model at bench size (bf16)
 
 Not a benchmark (bench/gpu.py is): each compiled function runs twice (the first call compiles), so the
 profiler sees every kernel of the steady state. With --torch-profiler it prints, per workload and backend,
@@ -31,27 +32,41 @@ def _kernel_table(fn, args, calls=20):
     return sorted(rows, key=lambda r: -r[1])
 
 
+def _workloads(opts):
+    """(name, fn, make_args, dynamo config) of the anchors, or of one zoo model at bench size in bf16."""
+    if not opts.zoo:
+        return [(n, f, m, {}) for n, f, m, _ in gpu_workloads("cuda", opts.only)]
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import models
+    entry = models.get(opts.zoo)
+    model, inputs = entry.make(size="bench", device="cuda", dtype=torch.bfloat16, seed=0)
+    return [(opts.zoo, model, lambda d, g: inputs, dict(getattr(entry, "dynamo_config", None) or {}))]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default=None)
     ap.add_argument("--torch-profiler", action="store_true")
+    ap.add_argument("--zoo", default=None, help="a model-zoo name instead of the anchors")
     opts = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator(device="cuda").manual_seed(0)
-    for name, fn, make_args, _ in gpu_workloads("cuda", opts.only):
+    for name, fn, make_args, cfg in _workloads(opts):
         args = make_args("cuda", g)
         for bname, kw in BACKENDS.items():
             torch._dynamo.reset()
             cfn = torch.compile(fn, **kw)
-            with torch.no_grad():
+            with torch.no_grad(), torch._dynamo.config.patch(**cfg):
                 for _ in range(2):
                     cfn(*args)
                 torch.cuda.synchronize()
                 if opts.torch_profiler:
                     rows = _kernel_table(cfn, args)
                     total = sum(r[1] for r in rows)
-                    print("== %s / %s: %.1f us GPU time per call, %d kernel launches"
-                          % (name, bname, total, sum(r[2] for r in rows)))
+                    from timing import wall_ms
+                    wall = wall_ms(lambda: cfn(*args), torch.cuda.synchronize) * 1e3
+                    print("== %s / %s: %.1f us GPU time, %.1f us wall per call, %d kernel launches"
+                          % (name, bname, total, wall, sum(r[2] for r in rows)))
                     for key, us, n in rows[:12]:
                         print("   %8.1f us  x%-3d %s" % (us, n, key[:90]))
             sys.stdout.flush()
