@@ -6,6 +6,7 @@ import hashlib
 
 from ..graph import registry
 from ..graph.fusion_graph import FusionGraph, Ref
+from ..graph.indexing import remaps_index
 from . import ctypes_map as C
 from .exprs import ExprBuilder, EmitError
 from .kernel import KernelSource
@@ -77,8 +78,9 @@ def check_supported(fg, group) -> None:
 
 
 def flat_ok(fg: FusionGraph, group, b: ExprBuilder) -> bool:
-    """Every operand has the domain's shape and is contiguous, and no view remaps an index."""
-    if any(fg.node(n).kind == "view" for n in group.nodes):
+    """Every operand has the domain's shape and is contiguous, and no view or index op (cat, arange) remaps
+    or reads an index."""
+    if any(remaps_index(fg.node(n)) for n in group.nodes):
         return False
     return all(op.meta.shape == tuple(group.domain) and op.meta.contiguous for op in b.operands)
 

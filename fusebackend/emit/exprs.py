@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..graph import registry
+from ..graph import indexing, registry
 from ..graph.fusion_graph import FusionGraph, Ref
 from . import ctypes_map as C
 
@@ -145,6 +145,9 @@ class ExprBuilder:
             return self.reduction_value[name]
         if node.kind == "view":
             return self.view(node, idx)
+        if indexing.is_index_op(node.target):
+            from .exprs_index import index_value      # (it imports this module)
+            return index_value(self, node, idx)
         return self.pointwise(node, idx)
 
     def pointwise(self, node, idx: tuple) -> str:

@@ -6,7 +6,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from . import registry
+from . import registry, splits
 from .fusion_graph import FusionGraph, OpNode, Ref, TensorMeta
 
 
@@ -57,6 +57,7 @@ def _cost(kind, meta, target, args, fg):
 def lower(gm: fx.GraphModule) -> FusionGraph:
     fg = FusionGraph()
     alias: dict[str, Ref] = {}
+    pieces: dict[str, list] = {}          # split node -> (view target, args) of each item (graph/splits.py)
     for n in gm.graph.nodes:
         val = n.meta.get("val")
         if n.op == "placeholder":
@@ -66,13 +67,22 @@ def lower(gm: fx.GraphModule) -> FusionGraph:
             if kind == "symbol" and isinstance(val, torch.SymInt):
                 fg.symbols[str(val)] = n.name
             fg.inputs.append(n.name)
+        elif n.op == "call_function" and n.target is operator.getitem and getattr(n.args[0], "name", None) in pieces:
+            target, args = pieces[n.args[0].name][n.args[1]]
+            meta, _ = _meta_of(val)
+            kind = registry.classify(target, args, {})
+            node = OpNode(n.name, kind, target, args, {}, meta, device=meta.device)
+            node.flops, node.bytes = _cost(kind, meta, target, args, fg)
+            fg.add(node, [args[0].name])
         elif n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
             alias[n.name] = Ref(n.args[0].name, n.args[1])
+        elif n.op == "call_function" and splits.as_views(n, None) is not None:
+            pieces[n.name] = splits.as_views(n, _refs(n.args[0], alias))
         elif n.op == "call_function":
             args = _refs(n.args, alias)
             kwargs = _refs(dict(n.kwargs), alias)
             meta, multi = _meta_of(val)
-            kind = registry.classify(n.target, args, kwargs) if meta is not None else "opaque"
+            kind = registry.classify(n.target, args, kwargs, fg.meta_of, meta) if meta is not None else "opaque"
             deps = sorted(set(_deps(args, []) + _deps(kwargs, [])))
             device = meta.device if meta else _first_device(fg, deps)
             node = OpNode(n.name, kind, n.target, args, kwargs, meta, multi, device=device)

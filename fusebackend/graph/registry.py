@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import indexing
 from .fusion_graph import Ref
 
 aten = torch.ops.aten
@@ -64,11 +65,17 @@ def _operand(a):
     return a if isinstance(a, (Ref, bool, int, float)) else None
 
 
-def classify(target, args, kwargs) -> str:
-    """'pointwise' | 'reduction' | 'view' | 'opaque' for one ATen call (args already hold Refs)."""
+def classify(target, args, kwargs, meta_of=None, meta=None) -> str:
+    """'pointwise' | 'reduction' | 'view' | 'opaque' for one ATen call (args already hold Refs).
+
+    meta_of(ref) and meta (the call's output) let index ops (cat, arange: graph/indexing.py) check their
+    sizes; without them those stay opaque."""
     if not isinstance(target, torch._ops.OpOverload):
         return "opaque"
     name = _packet(target)
+    if indexing.is_index_op(target):
+        ok = meta_of is not None and indexing.normalize(target, args, kwargs, meta_of, meta) is not None
+        return "pointwise" if ok else "opaque"
     if name in VIEWS:
         return "view"
     if name in REDUCTIONS:
@@ -148,13 +155,30 @@ def _full(args, kwargs):
     return Pointwise("Const", (value,)) if isinstance(value, (int, float, bool)) else None
 
 
+def _clone(args, kwargs):
+    # any memory format: the written copy gets the strides eager gives it (its TensorMeta)
+    if set(kwargs) - {"memory_format"} or len(args) != 1 or not isinstance(args[0], Ref):
+        return None
+    return Pointwise("Identity", (args[0],))
+
+
+def _full_like(args, kwargs):
+    # the value only: the input gives the shape (known from the node's meta), never data
+    if set(kwargs) - {"dtype", "layout", "device", "pin_memory", "memory_format"} or len(args) != 2:
+        return None
+    if kwargs.get("layout") not in (None, torch.strided):
+        return None
+    return _full(args, kwargs)
+
+
 def _scalar_tensor(args, kwargs):
     return Pointwise("Const", (args[0],)) if isinstance(args[0], (int, float, bool)) else None
 
 
 def _cast(args, kwargs):
+    # any memory format: a written value is allocated with the strides eager gives it (its TensorMeta)
     extra = set(kwargs) - {"dtype", "layout", "device", "pin_memory", "memory_format", "non_blocking"}
-    if extra or kwargs.get("memory_format") not in (None, torch.preserve_format, torch.contiguous_format):
+    if extra or kwargs.get("layout") not in (None, torch.strided):
         return None
     if kwargs.get("device") is not None and len(args) == 1:
         return None   # device moves are transfers, not compute
@@ -182,6 +206,7 @@ _SPECIAL: dict[str, Callable] = {
     "clamp_max": _clamp(-math.inf, None, None, 1), "where": _where, "full": _full,
     "scalar_tensor": _scalar_tensor, "_to_copy": _cast, "convert_element_type": _cast,
     "threshold_backward": _threshold_backward, "leaky_relu": _leaky_relu, "hardtanh": _hardtanh,
+    "clone": _clone, "full_like": _full_like,
 }
 _SPECIAL = {k: v for k, v in _SPECIAL.items() if v is not None}
 _SPECIAL["clamp_min"] = lambda a, k: Pointwise("Clamp", (a[0], a[1], math.inf)) if _operand(a[1]) is not None else None

@@ -6,6 +6,7 @@ A pass: FusionGraph -> list of Groups in a valid execution order. It never compi
 from __future__ import annotations
 
 from ..graph import registry
+from ..graph.indexing import is_index_op
 from ..graph.fusion_graph import FusionGraph, Ref
 from .groups import FUSABLE, Group, finish_io
 from .schedule import order_groups
@@ -65,9 +66,16 @@ class _Fuser:
                 reds.add((in_shape, red.dims))
         if len(reds) > 1:
             return None
+        if reds and any(is_index_op(self.fg.node(n).target) for n in names):
+            return None                          # a row plan reads every value at the row's own index
         shapes = [self.fg.node(n).meta.shape for n in names]
+        written = {n for n in names if n in self.outputs or any(u not in names for u in self.fg.users(n))}
         if reds:
             dom, rdims = next(iter(reds))
+        elif written:
+            # the domain is the written values' shape; a value only read inside the kernel is computed at
+            # whatever index its readers ask for (a slice, a cat input), whatever its own shape
+            dom, rdims = self.fg.node(min(written, key=lambda n: self.fg.node(n).index)).meta.shape, ()
         else:
             dom, rdims = max(shapes, key=len), ()
             for s in shapes:                     # the domain must be one member's shape, all others fit it
@@ -79,9 +87,9 @@ class _Fuser:
             s = node.meta.shape
             if node.kind == "reduction":
                 continue
-            if not (fits(s, dom) or (rdims and s == drop)):
+            needs_write = n in written
+            if not (fits(s, dom) or (rdims and s == drop) or not (rdims or needs_write)):
                 return None
-            needs_write = n in self.outputs or any(u not in names for u in self.fg.users(n))
             if needs_write and s != dom and not (rdims and s in (keep, drop)):
                 return None
             if rdims and s == drop and len(drop) != len(dom) and not is_per_row(s, dom, rdims):
@@ -138,12 +146,26 @@ class _Fuser:
             gid = node.index
             self.members[gid] = [node.name]
             self.group_of[node.name] = gid
-            if not self.fusable(node.name):
-                continue
-            for p in fg.producers(node.name):
-                if p in self.group_of and self.fusable(p):
-                    self.try_merge(self.group_of[p], self.group_of[node.name])
+            self.merge_producers(node.name)
+        # a view is visited before its readers: its merge upwards was refused while it still had to be
+        # written (cat -> slice -> sub: the slice joins the sub's group later); one more sweep retries
+        for node in fg.nodes():
+            if node.name in self.group_of:
+                self.merge_producers(node.name)
         return self.build()
+
+    def merge_producers(self, name: str) -> None:
+        if not self.fusable(name):
+            return
+        # a merge refused as a cycle can succeed once another producer has joined (q = x * cos +
+        # cat(-x2, x1) * sin: x's group and the cat's meet only in the add): retry until nothing changes
+        pending = [p for p in self.fg.producers(name) if p in self.group_of and self.fusable(p)]
+        while pending:
+            left = [p for p in pending if not self.try_merge(self.group_of[p], self.group_of[name])
+                    and self.group_of[p] != self.group_of[name]]
+            if len(left) == len(pending):
+                break
+            pending = left
 
     def build(self) -> list:
         groups = []

@@ -1,0 +1,64 @@
+"""Scalar code of the index ops (graph/indexing.py): cat and integer arange, for every target and shape.
+
+A cat's value at an index is computed in one branch per input, each reading its input at the index
+shifted back by the input's offset along the cat dim: only the input that owns the element is evaluated
+(loaded or computed), so no load leaves its tensor and no input's producers run for another's elements.
+Values a branch computes live in its scope: the builder's memo is restored after each branch, and vector
+loads (hoisted out of the element loop on CUDA) are turned off inside it.
+"""
+from __future__ import annotations
+
+from ..graph import indexing
+from . import ctypes_map as C
+from .exprs import EmitError
+
+
+def index_value(b, node, idx: tuple) -> str:
+    """C variable holding the index op `node` at idx (b: the ExprBuilder)."""
+    op = indexing.normalize(node.target, node.args, node.kwargs, b.meta_of, node.meta)
+    if isinstance(op, indexing.Cat):
+        return _cat(b, node, op, idx)
+    if isinstance(op, indexing.Arange):
+        ct = C.compute(node.meta.dtype)
+        var = b.fresh()
+        b.emit("const %s %s = (%s)(%dLL + (int64_t)(%s) * %dLL);" % (ct, var, ct, op.start, idx[0], op.step))
+        return var
+    raise EmitError("%s is not an index op the kernels cover" % node.op_name)
+
+
+def _shifted(idx: tuple, dim: int, offset: int) -> tuple:
+    new = list(idx)
+    if offset:
+        new[dim] = "(%s - %d)" % (idx[dim], offset)
+    return tuple(new)
+
+
+def _cat(b, node, cat, idx: tuple) -> str:
+    parts = cat.parts
+    if len(parts) == 1:
+        return b.value(parts[0].ref, _shifted(idx, cat.dim, parts[0].offset))
+    ct = C.compute(node.meta.dtype)
+    var = b.fresh()
+    b.emit("%s %s;" % (ct, var))
+    e = idx[cat.dim]
+    for k, part in enumerate(parts):
+        if k == 0:
+            b.emit("if (%s < %d) {" % (e, part.offset + part.size))
+        elif k < len(parts) - 1:
+            b.emit("} else if (%s < %d) {" % (e, part.offset + part.size))
+        else:
+            b.emit("} else {")
+        memo, vec = b.memo, getattr(b, "vec", None)
+        b.memo = dict(memo)
+        if vec is not None:
+            b.vec = None
+        lines, start = b.lines, len(b.lines)
+        v = b.value(part.ref, _shifted(idx, cat.dim, part.offset))
+        b.emit("%s = %s;" % (var, v))
+        if b.lines is lines:
+            lines[start:] = ["  " + line for line in lines[start:]]
+        b.memo = memo
+        if vec is not None:
+            b.vec = vec
+    b.emit("}")
+    return var

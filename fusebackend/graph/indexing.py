@@ -1,0 +1,120 @@
+"""Pointwise ops whose value at an index is chosen by the index itself, not by one operand at that index.
+
+- `cat`: the value at an output index is input i's value at that index shifted back by input i's offset
+  along the cat dim, for the i whose range holds the index. Inputs may be members of a kernel (computed
+  there) or loads; sizes along the cat dim must be static so the ranges are compile-time constants.
+- `arange` (integer): the value at index i is start + i * step.
+
+The vertical pass treats both as pointwise ops; the emitter (emit/exprs_index.py) writes their index code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .fusion_graph import Ref
+
+MAX_CAT_INPUTS = 16          # more inputs: one branch each per element; leave such a cat to ATen
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+@dataclass(frozen=True)
+class CatPart:
+    ref: Ref
+    offset: int               # first output index along the cat dim that this input covers
+    size: int                 # its extent along the cat dim (never 0: empty inputs are dropped)
+
+
+@dataclass(frozen=True)
+class Cat:
+    dim: int                  # non-negative
+    parts: tuple              # CatPart, in output order
+
+
+@dataclass(frozen=True)
+class Arange:
+    start: int
+    step: int
+
+
+def _name(target) -> str:
+    return getattr(target, "__name__", "").split(".")[0]
+
+
+def is_index_op(target) -> bool:
+    return _name(target) in ("cat", "arange")
+
+
+def remaps_index(node) -> bool:
+    """A fusable node that reads an operand at an index other than its own (views, cat) or uses the index
+    as a value (arange): a kernel holding one cannot walk its operands through one linear index."""
+    return node.kind == "view" or (node.kind == "pointwise" and is_index_op(node.target))
+
+
+def normalize_cat(args, kwargs, meta_of, out_meta) -> Optional[Cat]:
+    """The parts of a fusable cat, or None: tensors only, same dtype, static sizes along the cat dim."""
+    if set(kwargs) - {"dim"} or out_meta is None:
+        return None
+    tensors = args[0] if args else None
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    if not isinstance(tensors, (list, tuple)) or not tensors or not isinstance(dim, int):
+        return None
+    if not all(isinstance(t, Ref) for t in tensors) or len(tensors) > MAX_CAT_INPUTS:
+        return None
+    rank = out_meta.rank
+    if rank == 0:
+        return None
+    dim = dim % rank
+    parts, offset = [], 0
+    for t in tensors:
+        m = meta_of(t)
+        if m is None or m.dtype != out_meta.dtype:
+            return None
+        if m.rank == 1 and m.shape[0] == 0 and rank != 1:
+            continue                              # ATen's legacy rule: a 1-D empty input is skipped
+        if m.rank != rank or not isinstance(m.shape[dim], int):
+            return None
+        if m.shape[dim] == 0:
+            continue
+        parts.append(CatPart(t, offset, m.shape[dim]))
+        offset += m.shape[dim]
+    if not parts or offset != out_meta.shape[dim]:
+        return None
+    return Cat(dim, tuple(parts))
+
+
+def normalize_arange(target, args, kwargs, out_meta) -> Optional[Arange]:
+    """Integer arange with static int bounds: start + i * step."""
+    if out_meta is None or out_meta.dtype not in _INT_DTYPES or out_meta.rank != 1:
+        return None
+    if set(kwargs) - {"dtype", "layout", "device", "pin_memory"}:
+        return None
+    if kwargs.get("layout") not in (None, torch.strided):
+        return None
+    overload = target._overloadname
+    if overload == "default":
+        start, step = 0, 1
+        bounds = args[:1]
+    elif overload == "start":
+        start, step = args[0], 1
+        bounds = args[:2]
+    elif overload == "start_step":
+        start, step = args[0], args[2] if len(args) > 2 else 1
+        bounds = args[:3]
+    else:
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in tuple(bounds) + (start, step)):
+        return None
+    return Arange(start, step)
+
+
+def normalize(target, args, kwargs, meta_of, meta):
+    """Cat | Arange for an index op (None when it is not one, or not a fusable one); meta is its output's."""
+    name = _name(target)
+    if name == "cat":
+        return normalize_cat(args, kwargs, meta_of, meta)
+    if name == "arange":
+        return normalize_arange(target, args, kwargs, meta)
+    return None
