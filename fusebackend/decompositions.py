@@ -64,6 +64,15 @@ def native_layer_norm(x, normalized_shape, weight, bias, eps):
     return out, mean, rstd
 
 
+def safe_softmax(x, dim, dtype=None):
+    """softmax, 0 on rows that are all -inf (SDPA's math path). Core ATen tests the rows with an `all`
+    reduction and a zeros_like tensor -- a second reduction and a full-size fill; a row is all -inf exactly
+    when its max is -inf, which the softmax computes anyway: one row kernel."""
+    out = aten._softmax.default(x if dtype is None else aten._to_copy.default(x, dtype=dtype), dim, False)
+    keep = aten.ne.Scalar(aten.amax.default(x, [dim], True), float("-inf"))
+    return aten.where.ScalarOther(keep, out, 0.0)
+
+
 @functools.lru_cache(None)
 def table(gemv_max_rows: int = 0) -> dict:
     """gemv_max_rows > 0: GPU half-type matrix products with at most that many rows become fusable row
@@ -79,6 +88,7 @@ def table(gemv_max_rows: int = 0) -> dict:
     d[aten.var.correction] = var_correction
     d[aten.var_mean.correction] = var_mean_correction
     d[aten.native_layer_norm.default] = native_layer_norm
+    d[aten._safe_softmax.default] = safe_softmax
     if gemv_max_rows > 0:
         d[aten.mm.default] = decomp_gemv.mm_decomposition(gemv_max_rows)
         d[aten.addmm.default] = decomp_gemv.addmm_decomposition(gemv_max_rows)
