@@ -27,7 +27,7 @@ def fuse(gm: torch.fx.GraphModule, example_inputs, options=None, **kwargs):
         fw_compiler=functools.partial(compiler, "forward"),
         bw_compiler=functools.partial(compiler, "backward"),
         inference_compiler=functools.partial(compiler, "inference"),
-        decompositions=decompositions.table(opts.gemv_max_rows),
+        decompositions=decompositions.table(opts.gemv_max_rows, opts.pad_matmul),
     )(gm, example_inputs)
 
 

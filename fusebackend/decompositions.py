@@ -74,9 +74,10 @@ def safe_softmax(x, dim, dtype=None):
 
 
 @functools.lru_cache(None)
-def table(gemv_max_rows: int = 0) -> dict:
+def table(gemv_max_rows: int = 0, pad_matmul: bool = False) -> dict:
     """gemv_max_rows > 0: GPU half-type matrix products with at most that many rows become fusable row
-    reductions (decomp_gemv.py)."""
+    reductions (decomp_gemv.py); pad_matmul: large ones with sizes off a multiple of 8 are padded
+    (decomp_pad_mm.py)."""
     # Attention stays one opaque ATen call (its kernels beat any decomposition; and the CPU flash-attention
     # decomposition in core ATen gives wrong gradients under AOT autograd, seen with torch 2.13).
     d = {k: v for k, v in core_aten_decompositions().items() if "scaled_dot_product" not in str(k)}
@@ -89,7 +90,8 @@ def table(gemv_max_rows: int = 0) -> dict:
     d[aten.var_mean.correction] = var_mean_correction
     d[aten.native_layer_norm.default] = native_layer_norm
     d[aten._safe_softmax.default] = safe_softmax
+    if gemv_max_rows > 0 or pad_matmul:
+        d[aten.mm.default] = decomp_gemv.mm_decomposition(gemv_max_rows, pad_matmul)
     if gemv_max_rows > 0:
-        d[aten.mm.default] = decomp_gemv.mm_decomposition(gemv_max_rows)
         d[aten.addmm.default] = decomp_gemv.addmm_decomposition(gemv_max_rows)
     return d

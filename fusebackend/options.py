@@ -40,6 +40,9 @@ class FuseOptions:
     # 1 row (decode) beats cuBLAS (decode_mlp_block 0.129 vs 0.159 ms with CUDA graphs); 16 rows lose badly
     # (moe_top2of8 0.78 vs 0.19 ms: the kernel reads each weight row once per activation row, from L2).
     gemv_max_rows: int = 1
+    # Pad large GPU half-type matrix products whose sizes are not multiples of 8 (cuBLAS's slow align1 path;
+    # GPT-2's LM head: 6.6 ms unpadded on an H100) -- costs a copy of the weight per call.
+    pad_matmul: bool = True
 
     @classmethod
     def from_dict(cls, options) -> "FuseOptions":
@@ -70,5 +73,6 @@ class FuseOptions:
         need(isinstance(self.compile_threads, int) and not isinstance(self.compile_threads, bool)
              and self.compile_threads >= 0, "compile_threads", "an int >= 0")
         need(self.dump_dir is None or isinstance(self.dump_dir, str), "dump_dir", "a path string or None")
+        need(isinstance(self.pad_matmul, bool), "pad_matmul", "True or False")
         need(isinstance(self.gemv_max_rows, int) and not isinstance(self.gemv_max_rows, bool)
              and self.gemv_max_rows >= 0, "gemv_max_rows", "an int >= 0")

@@ -1,0 +1,66 @@
+"""Large half-type products with sizes off a multiple of 8 are padded for cuBLAS (decomp_pad_mm.py).
+
+On CPU machines the padding is switched on for CPU tensors with a low size threshold, which checks the
+graph and the numerics; the `gpu` case runs it on CUDA tensors at the real threshold's scale."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import numerics
+import fusebackend
+from fusebackend import decomp_pad_mm
+
+
+@pytest.fixture
+def pad_on_cpu(monkeypatch):
+    monkeypatch.setattr(decomp_pad_mm, "DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(decomp_pad_mm, "MIN_WORK", 1)
+
+
+def lm_head(h, w):
+    return F.linear(h, w) * 0.5
+
+
+def _ops(rep):
+    return [n.op_name for g in rep.graph_reports for n in g.graph.nodes()]
+
+
+@pytest.mark.parametrize("k,n", [(64, 101), (60, 96), (61, 99)])
+def test_padded_product_matches_eager_and_is_contiguous(pad_on_cpu, k, n):
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 5, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16())
+    rep = fusebackend.explain(lm_head, *args)
+    assert any("constant_pad_nd" in o for o in _ops(rep)), _ops(rep)
+    torch._dynamo.reset()
+    out = torch.compile(lm_head, backend="fuse")(*args)
+    assert out.is_contiguous() and out.shape == (2, 5, n)
+    torch._dynamo.reset()
+    numerics.assert_matches(lm_head, torch.compile(lm_head, backend="fuse"), args)
+
+
+def test_aligned_small_or_float32_products_are_not_padded(pad_on_cpu, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    for args, opts in [((torch.randn(4, 64, generator=g).bfloat16(), torch.randn(96, 64, generator=g).bfloat16()), None),
+                       ((torch.randn(4, 64, generator=g), torch.randn(99, 64, generator=g)), None),
+                       ((torch.randn(4, 64, generator=g).bfloat16(), torch.randn(99, 64, generator=g).bfloat16()),
+                        {"pad_matmul": False})]:
+        rep = fusebackend.explain(lm_head, *args, options=opts)
+        assert not any("constant_pad_nd" in o for o in _ops(rep)), _ops(rep)
+
+
+@pytest.mark.gpu
+def test_gpt2_sized_lm_head_on_gpu():
+    g = torch.Generator(device="cuda").manual_seed(2)
+    args = (torch.randn(512, 768, device="cuda", generator=g).bfloat16(),
+            torch.randn(50257, 768, device="cuda", generator=g).bfloat16() * 0.05)
+    rep = fusebackend.explain(lm_head, *args)
+    assert any("constant_pad_nd" in o for o in _ops(rep)), _ops(rep)
+    torch._dynamo.reset()
+    numerics.assert_matches(lm_head, torch.compile(lm_head, backend="fuse"), args)
+
+
+def test_option_is_validated():
+    with pytest.raises(fusebackend.OptionError, match="pad_matmul"):
+        torch.compile(lambda x: x + 1, backend="fuse", options={"pad_matmul": 1})(torch.randn(3))
