@@ -172,3 +172,53 @@ def test_widening_cast_of_a_computed_half_value_rounds_it(dtype):
         got, ref = torch.compile(f, backend="fuse")(m, a), f(m, a)
         for g, r in zip(got, ref):
             assert torch.equal(g, r), (g, r)
+
+
+# 13. Fuzzer, not backend: the float64 reference ran `int32 tensor * 3.0` in float32 (the default dtype) next
+#     to float64 tensors, and lerp refused the mix; the reference now runs with float64 as the default dtype.
+def test_fuzz_reference_promotes_python_floats_to_float64():
+    case = Case.from_source(inputs=[
+            InputSpec((16, 1), torch.float32, 'offset', (), 'grid', 1.0, False),
+            InputSpec((), torch.int32, 'contig', (), 'randn', 1.0, False)],
+        seed=774, half_path=['v9'], reassoc=['v11', 'v4', 'v9'],
+        source='''
+    def f(a0, a1):
+        v1 = torch.sum(a0)
+        v2 = a1 * 3.0
+        v3 = torch.copysign(v1, v2)
+        v4 = torch.softmax(a0, -1)
+        v5 = v4.to(torch.bfloat16)
+        v6 = torch.logical_and(a1, v2)
+        v7 = torch.sort(a0, -2, descending=True).values
+        v8 = torch.lerp(v2, (v7 + 0.0), 0.3)
+        v9 = F.logsigmoid(v5)
+        v10 = torch.round(v7)
+        v11 = torch.exp2(v3)
+        return (v8, v9, v10, v11, v4,)
+    ''')
+    fuzzcheck.run_case(case)
+
+
+# 14. addcmul/lerp are multiply-adds that ATen's vector loop may contract into an FMA: one rounding apart,
+#     amplified by cancellation (a2 + 0.5 * a0 * a0 with a2 < 0); compared like float sums since seed 13.
+def test_fuzz_multiply_add_then_divide_and_minimum():
+    case = Case.from_source(inputs=[
+            InputSpec((5, 1, 2, 129), torch.float32, 'permuted', (0, 1, 2, 3), 'randn', 1.0, True),
+            InputSpec((5, 1, 2, 129), torch.float32, 'contig', (), 'randn', 0.01, True),
+            InputSpec((1, 1, 1, 1), torch.float32, 'offset', (), 'randn', 3.0, False),
+            InputSpec((5, 1, 2, 1), torch.bfloat16, 'offset', (), 'wide', 1.0, False)],
+        seed=14654, half_path=['v7'], reassoc=['v1', 'v4', 'v6', 'v7', 'v8'],
+        source='''
+    def f(a0, a1, a2, a3):
+        v1 = torch.addcmul(a2, a0, a0, value=0.5)
+        v2 = torch.div(a2, a3, rounding_mode='trunc')
+        v3 = torch.sum(a0, (0, 3), keepdim=False)
+        v4 = v1 / a1
+        v5 = torch.log(torch.abs(v3))
+        v6 = torch.log_softmax(v1, 1)
+        v7 = v5.to(torch.bfloat16)
+        v8 = torch.minimum(v4, v1)
+        v9 = torch.logical_not(a2)
+        return (v6, v7, v8, v9, v1,)
+    ''')
+    fuzzcheck.run_case(case)
