@@ -88,7 +88,8 @@ class _Fuser:
             if node.kind == "reduction":
                 continue
             needs_write = n in written
-            if not (fits(s, dom) or (rdims and s == drop) or not (rdims or needs_write)):
+            loose = not (rdims or needs_write or self.reads_outside(n, names))   # read inside only
+            if not (fits(s, dom) or (rdims and s == drop) or loose):
                 return None
             if needs_write and s != dom and not (rdims and s in (keep, drop)):
                 return None
@@ -100,6 +101,16 @@ class _Fuser:
                     if p in names and ps == drop and len(drop) != len(dom):
                         return None
         return dom, rdims
+
+    def reads_outside(self, name: str, names) -> bool:
+        """A view of a value no kernel computes (an input, an ATen result): as a member it would only make
+        the kernel's shape irregular (and keep it from joining a reduction later); read as a zero-copy view
+        it costs nothing."""
+        node = self.fg.node(name)
+        if node.kind != "view" or not isinstance(node.args[0], Ref) or node.args[0].name in names:
+            return False
+        src = node.args[0].name
+        return self.fg.node(src).kind in ("placeholder", "symbol") or not self.fusable(src)
 
     def creates_cycle(self, merged: set) -> bool:
         """A path leaving the merged set and coming back (through nodes or through other groups)."""
