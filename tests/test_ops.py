@@ -92,7 +92,9 @@ def test_reductions(name):
 
 @pytest.mark.parametrize("name", sorted(VIEWS))
 def test_views_inside_groups(name):
-    check(VIEWS[name], rand(6, 7, 33, specials=False))
+    # unsqueeze multiplies by a float32 sum of 33 values: eager's own sum is off by ~1e-7 * 33 (ours adds in
+    # double), which a factor of ~3 makes more than 1e-6 absolute near a cancelling row (5 seeds in 300)
+    check(VIEWS[name], rand(6, 7, 33, specials=False), atol=1e-5 if name == "unsqueeze" else 1e-6)
 
 
 def test_bool_bitwise_not():
