@@ -132,5 +132,8 @@ FB_HD double i2d(int64_t i) { return copysign((double)i, (double)((i >> 63) | 1)
 // Rounding a float value to a narrower float type (an explicit cast inside a fused chain).
 FB_HD float round_bf16(float v) { return to_float(to_bf16(v)); }
 FB_HD float round_half(float v) { return to_float(to_half(v)); }
+// A float16 result kept in float between ops of one kernel keeps its extra precision, but not its extra
+// range: where eager's float16 overflows to +-inf (|v| >= 65520 rounds to inf), so does the kernel's value.
+FB_HD float half_range(float v) { return (v >= 65520.0f || v <= -65520.0f) ? (v > 0.0f ? inf_f() : -inf_f()) : v; }
 
 }  // namespace fb
