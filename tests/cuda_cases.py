@@ -94,6 +94,8 @@ CASES = {
                    lambda d: (_t(32, 128, device=d),)),
     "arange_add": (lambda x: x + torch.arange(0, 3 * 256, 3, device=x.device),
                    lambda d: (torch.randint(-9, 9, (8, 256), device=d),)),
+    "div_floor": (lambda a, b: 1.0 / torch.div(a, b, rounding_mode="floor"),
+                  lambda d: (_t(64, 33, device=d), _pos(64, 33, device=d) - 1.0)),
     "empty": (lambda x: x * 2, lambda d: (_t(0, 5, device=d),)),
     "zero_length_rows": (lambda x: x.sum(-1), lambda d: (_t(5, 0, device=d),)),
 }

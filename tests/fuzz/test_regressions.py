@@ -233,3 +233,13 @@ def test_float16_intermediate_overflows_like_eager():
     assert torch.equal(got[0], ref[0])
     for g, r in zip(got[1:], ref[1:]):
         torch.testing.assert_close(g, r, rtol=2e-3, atol=1e-3, equal_nan=True)
+
+
+# 16. Floor division with a zero quotient returned +0 for 0 // -0.5 (the test `a / b < 0` is false for -0.0);
+#     ATen returns copysign(0, a / b) = -0.0, and x // that zero is +inf, not -inf (fuzz seed 15).
+def test_floor_division_keeps_the_sign_of_a_zero_quotient():
+    a = torch.tensor([0.0, -0.0, 0.0, 0.25, -0.25, 3.0, -3.0, 0.0] * 8)
+    b = torch.tensor([-0.5, 0.5, 0.5, -4.0, 4.0, -7.0, 7.0, -1e30] * 8)
+    _exact(lambda a, b: (torch.div(a, b, rounding_mode="floor"),
+                         1.0 / torch.div(a, b, rounding_mode="floor"),
+                         torch.div(a.to(torch.int64), b, rounding_mode="floor")), a, b)

@@ -116,7 +116,7 @@ struct DivFloor {  // Python floor division, as torch computes it for floats
     T mod = fmod(a, b);
     T div = (a - mod) / b;
     if (mod != (T)0 && ((b < (T)0) != (mod < (T)0))) div -= (T)1;
-    if (div == (T)0) return (a / b < (T)0) ? -(T)0 : (T)0;
+    if (div == (T)0) return copysign((T)0, a / b);  // 0 / -0.5 is -0, as in ATen (a test `< 0` gave +0)
     T fl = floor_(div);
     return (div - fl > (T)0.5) ? fl + (T)1 : fl;
   }
