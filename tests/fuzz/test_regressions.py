@@ -243,3 +243,14 @@ def test_floor_division_keeps_the_sign_of_a_zero_quotient():
     _exact(lambda a, b: (torch.div(a, b, rounding_mode="floor"),
                          1.0 / torch.div(a, b, rounding_mode="floor"),
                          torch.div(a.to(torch.int64), b, rounding_mode="floor")), a, b)
+
+
+# 17. OPEN (fuzz seed 16): a select of a row-reduction's output that picks another row (layer_norm(x)[9])
+#     is merged into the row kernel, which computes it at the row's own index: wrong rows. The vertical pass
+#     must refuse views that move the reduced value across rows. Strict xfail until fixed.
+@pytest.mark.xfail(strict=True, reason="view across rows of a row-reduction value fused into its row kernel")
+def test_select_of_another_row_of_a_layer_norm():
+    g = torch.Generator().manual_seed(0)
+    a, m = torch.randn(16, 5, 2, generator=g), torch.randn(16, 5, 2, generator=g) > 0
+    fn = lambda a, m: m / (torch.abs(F.layer_norm(a, (5, 2), None, None, 1e-05).select(0, 9)) + 0.5)
+    torch.testing.assert_close(torch.compile(fn, backend="fuse")(a, m), fn(a, m), rtol=1e-5, atol=1e-6)
