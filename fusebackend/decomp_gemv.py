@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from . import decomp_pad_mm
-
 aten = torch.ops.aten
 HALF = (torch.float16, torch.bfloat16)
 DEVICES = ("cuda",)     # tests add "cpu" to check the fusion and the numerics without a GPU
@@ -45,14 +43,11 @@ def _gemv(a, b):
     return aten.sum.dim_IntList(prod, [2])                                               # [M, N] float32
 
 
-def mm_decomposition(max_rows: int, pad: bool = False):
-    """aten.mm: a GEMV reduction when eligible, else (pad) a padded cuBLAS call (decomp_pad_mm.py)."""
+def mm_decomposition(max_rows: int):
     def mm(a, b):
-        if max_rows > 0 and eligible(a, b, max_rows):
-            return aten._to_copy.default(_gemv(a, b), dtype=a.dtype)
-        if pad and decomp_pad_mm.eligible(a, b):
-            return decomp_pad_mm.padded_mm(a, b)
-        return NotImplemented
+        if not eligible(a, b, max_rows):
+            return NotImplemented
+        return aten._to_copy.default(_gemv(a, b), dtype=a.dtype)
     return mm
 
 

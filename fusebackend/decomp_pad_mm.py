@@ -39,3 +39,9 @@ def padded_mm(a, b):
     if pn:
         out = aten.clone.default(aten.slice.Tensor(out, 1, 0, n), memory_format=torch.contiguous_format)
     return out
+
+
+def decomposition():
+    def mm(a, b):
+        return padded_mm(a, b) if eligible(a, b) else NotImplemented
+    return mm

@@ -10,7 +10,7 @@ import functools
 import torch
 from torch._decomp import core_aten_decompositions, get_decompositions
 
-from . import decomp_gemv
+from . import decomp_gemv, decomp_pad_mm
 
 aten = torch.ops.aten
 HALF = (torch.float16, torch.bfloat16)
@@ -73,6 +73,17 @@ def safe_softmax(x, dim, dtype=None):
     return aten.where.ScalarOther(keep, out, 0.0)
 
 
+def _first_of(decomps):
+    """One decomposition trying each of `decomps` in turn (NotImplemented: the next; all declined: ATen)."""
+    def decomposed(*args, **kwargs):
+        for f in decomps:
+            out = f(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        return NotImplemented
+    return decomposed
+
+
 @functools.lru_cache(None)
 def table(gemv_max_rows: int = 0, pad_matmul: bool = False) -> dict:
     """gemv_max_rows > 0: GPU half-type matrix products with at most that many rows become fusable row
@@ -90,8 +101,10 @@ def table(gemv_max_rows: int = 0, pad_matmul: bool = False) -> dict:
     d[aten.var_mean.correction] = var_mean_correction
     d[aten.native_layer_norm.default] = native_layer_norm
     d[aten._safe_softmax.default] = safe_softmax
-    if gemv_max_rows > 0 or pad_matmul:
-        d[aten.mm.default] = decomp_gemv.mm_decomposition(gemv_max_rows, pad_matmul)
+    mms = ([decomp_gemv.mm_decomposition(gemv_max_rows)] if gemv_max_rows > 0 else []) + \
+        ([decomp_pad_mm.decomposition()] if pad_matmul else [])
+    if mms:
+        d[aten.mm.default] = _first_of(mms)
     if gemv_max_rows > 0:
         d[aten.addmm.default] = decomp_gemv.addmm_decomposition(gemv_max_rows)
     return d

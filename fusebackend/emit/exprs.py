@@ -178,17 +178,16 @@ class ExprBuilder:
                         o = torch.tensor(o, dtype=dt).item()
                 args.append(C.literal(o, want))
         expr = "fb::%s::exec(%s)" % (pw.template, ", ".join(args))
-        if pw.template == "Identity" and out_dtype in HALF and pw.operands and isinstance(pw.operands[0], Ref):
-            if self.meta_of(pw.operands[0]).dtype != out_dtype:   # an explicit narrowing cast rounds
-                expr = "fb::round_%s(%s)" % ("bf16" if out_dtype == torch.bfloat16 else "half", expr)
-        elif pw.template == "Identity" and out_dtype.is_floating_point and pw.operands \
-                and isinstance(pw.operands[0], Ref) and pw.operands[0].name in self.members:
-            # widening a half value computed here: eager widens the rounded value, and so does any other
-            # consumer that reads it back from memory (where(m, h, h.float()) was not constant)
+        if pw.template == "Identity" and pw.operands and isinstance(pw.operands[0], Ref):
             src = self.meta_of(pw.operands[0]).dtype
-            if src in HALF and out_dtype not in HALF:
-                expr = "fb::round_%s(%s)" % ("bf16" if src == torch.bfloat16 else "half", expr)
-        if out_dtype == torch.float16 and pw.template not in ("Identity", "Where") and not expr.startswith("fb::round"):
+            if out_dtype in HALF and src != out_dtype:        # an explicit narrowing cast rounds
+                expr = _round(out_dtype, expr)
+            elif src in HALF and out_dtype.is_floating_point and out_dtype not in HALF \
+                    and pw.operands[0].name in self.members:
+                # widening a half value computed here: eager widens the rounded value, and so does any other
+                # consumer that reads it back from memory (where(m, h, h.float()) was not constant)
+                expr = _round(src, expr)
+        elif out_dtype == torch.float16 and pw.template not in ("Identity", "Where"):
             expr = "fb::half_range(%s)" % expr     # overflow where eager's float16 does (fuzz seed 14)
         var = self.fresh()
         self.emit("%s %s = (%s)(%s);" % (out_ct, var, out_ct, expr))
@@ -258,3 +257,8 @@ class ExprBuilder:
                 new.append(kept[k])
                 k += 1
         return self.value(src, tuple(new))
+
+
+def _round(dtype, expr: str) -> str:
+    """expr rounded to the half type `dtype` (kept in float)."""
+    return "fb::round_%s(%s)" % ("bf16" if dtype == torch.bfloat16 else "half", expr)
