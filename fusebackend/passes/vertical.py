@@ -16,6 +16,9 @@ MAX_GROUP_NODES = 200
 REMAPPABLE_VIEWS = ("expand", "permute", "transpose", "t", "unsqueeze", "squeeze", "alias", "detach", "view",
                     "_unsafe_view", "reshape", "slice", "select")
 
+# views whose output index reads another index of their input (not only the same element, re-shaped)
+INDEX_MOVING_VIEWS = ("permute", "transpose", "t", "slice", "select", "as_strided")
+
 
 def view_is_remappable(fg: FusionGraph, name: str) -> bool:
     """Views a kernel can express as index arithmetic on its input without knowing sizes at compile time."""
@@ -68,6 +71,8 @@ class _Fuser:
             return None
         if reds and any(is_index_op(self.fg.node(n).target) for n in names):
             return None                          # a row plan reads every value at the row's own index
+        if reds and self.moves_reduced_values(names):
+            return None
         shapes = [self.fg.node(n).meta.shape for n in names]
         written = {n for n in names if n in self.outputs or any(u not in names for u in self.fg.users(n))}
         if reds:
@@ -101,6 +106,18 @@ class _Fuser:
                     if p in names and ps == drop and len(drop) != len(dom):
                         return None
         return dom, rdims
+
+    def moves_reduced_values(self, names) -> bool:
+        """A view that may read a value computed from the group's reduction at another index than its own
+        (layer_norm(x)[9], a permute of a softmax): the row kernel has that value only at the row it is on."""
+        derived = set()
+        for n in sorted(names, key=lambda n: self.fg.node(n).index):
+            node = self.fg.node(n)
+            if node.kind == "reduction" or any(p in derived for p in self.fg.producers(n)):
+                derived.add(n)
+                if node.kind == "view" and node.op_name.split(".")[0] in INDEX_MOVING_VIEWS:
+                    return True
+        return False
 
     def reads_outside(self, name: str, names) -> bool:
         """A view of a value no kernel computes (an input, an ATen result): as a member it would only make

@@ -245,10 +245,9 @@ def test_floor_division_keeps_the_sign_of_a_zero_quotient():
                          torch.div(a.to(torch.int64), b, rounding_mode="floor")), a, b)
 
 
-# 17. OPEN (fuzz seed 16): a select of a row-reduction's output that picks another row (layer_norm(x)[9])
+# 17. (fuzz seed 16): a select of a row-reduction's output that picks another row (layer_norm(x)[9])
 #     is merged into the row kernel, which computes it at the row's own index: wrong rows. The vertical pass
-#     must refuse views that move the reduced value across rows. Strict xfail until fixed.
-@pytest.mark.xfail(strict=True, reason="view across rows of a row-reduction value fused into its row kernel")
+#     refuses views that move a reduced value to another index.
 def test_select_of_another_row_of_a_layer_norm():
     g = torch.Generator().manual_seed(0)
     a, m = torch.randn(16, 5, 2, generator=g), torch.randn(16, 5, 2, generator=g) > 0
