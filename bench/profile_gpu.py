@@ -3,6 +3,7 @@
     ncu --clock-control none --kernel-name regex:'fb_|triton' python3 bench/profile_gpu.py [--only SUBSTR]
     python3 bench/profile_gpu.py --torch-profiler [--only SUBSTR]   # per-kernel GPU time, no ncu needed
     python3 bench/profile_gpu.py --torch-profiler --zoo hf_bert      # a model-zoo model at bench size (bf16)
+    python3 bench/profile_gpu.py --torch-profiler --zoo hf_bert --groups   # + fuse's groups, every kernel row
 
 Not a benchmark (bench/gpu.py is): each compiled function runs twice (the first call compiles), so the
 profiler sees every kernel of the steady state. With --torch-profiler it prints, per workload and backend,
@@ -48,6 +49,7 @@ def main():
     ap.add_argument("--only", default=None)
     ap.add_argument("--torch-profiler", action="store_true")
     ap.add_argument("--zoo", default=None, help="a model-zoo name instead of the anchors")
+    ap.add_argument("--groups", action="store_true", help="print fuse's groups and every kernel row")
     opts = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -67,9 +69,24 @@ def main():
                     wall = wall_ms(lambda: cfn(*args), torch.cuda.synchronize) * 1e3
                     print("== %s / %s: %.1f us GPU time, %.1f us wall per call, %d kernel launches"
                           % (name, bname, total, wall, sum(r[2] for r in rows)))
-                    for key, us, n in rows[:12]:
+                    for key, us, n in (rows if opts.groups else rows[:12]):
                         print("   %8.1f us  x%-3d %s" % (us, n, key[:90]))
             sys.stdout.flush()
+        if opts.groups:
+            _print_groups(fn, args)
+
+
+def _print_groups(fn, args):
+    """Fuse's forward groups, one line each: which ops each kernel holds and what stays an ATen call."""
+    import fusebackend
+    with torch.no_grad():
+        rep = fusebackend.explain(fn, *args)
+    print("== fuse groups: %d kernels, %d ATen calls" % (rep.num_kernels, rep.num_aten_calls))
+    for g in rep.groups:
+        if g["kind"] != "view":
+            ops = " ".join(o.split(".")[0] for o in g["ops"])
+            print("   %-9s %-22s %s%s" % (g["kind"], g["domain"], ops[:160],
+                                       "  FALLBACK: %s" % g["fallback"] if g["fallback"] else ""))
 
 
 if __name__ == "__main__":

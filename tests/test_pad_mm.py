@@ -40,6 +40,19 @@ def test_padded_product_matches_eager_and_is_contiguous(pad_on_cpu, k, n):
     numerics.assert_matches(lm_head, torch.compile(lm_head, backend="fuse"), args)
 
 
+def test_transposed_weight_is_padded_in_its_own_layout(pad_on_cpu):
+    """x @ W.t() pads W (a contiguous copy) and multiplies by its transposed view; x @ W pads W as it is."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(6, 64, generator=g).bfloat16()
+    for fn, w in [(lm_head, torch.randn(99, 64, generator=g).bfloat16()),
+                  (lambda h, w: (h @ w) * 0.5, torch.randn(64, 99, generator=g).bfloat16())]:
+        rep = fusebackend.explain(fn, h, w)
+        pads = [n for gr in rep.graph_reports for n in gr.graph.nodes() if "constant_pad_nd" in n.op_name]
+        assert len(pads) == 1 and pads[0].meta.shape == ((104, 64) if fn is lm_head else (64, 104))
+        torch._dynamo.reset()
+        numerics.assert_matches(fn, torch.compile(fn, backend="fuse"), (h, w))
+
+
 def test_aligned_small_or_float32_products_are_not_padded(pad_on_cpu, monkeypatch):
     g = torch.Generator().manual_seed(1)
     for args, opts in [((torch.randn(4, 64, generator=g).bfloat16(), torch.randn(96, 64, generator=g).bfloat16()), None),

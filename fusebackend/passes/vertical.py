@@ -51,7 +51,7 @@ class _Fuser:
             return False
         if node.kind == "view":
             external = name in self.outputs or any(self.fg.node(u).kind not in FUSABLE for u in self.fg.users(name))
-            return view_is_remappable(self.fg, name) and not external
+            return view_is_remappable(self.fg, name) and not external and not self.views_outside(name)
         return True
 
     def reduction_of(self, name: str):
@@ -93,7 +93,7 @@ class _Fuser:
             if node.kind == "reduction":
                 continue
             needs_write = n in written
-            loose = not (rdims or needs_write or self.reads_outside(n, names))   # read inside only
+            loose = not (rdims or needs_write)   # read inside only: computed at whatever index is asked
             if not (fits(s, dom) or (rdims and s == drop) or loose):
                 return None
             if needs_write and s != dom and not (rdims and s in (keep, drop)):
@@ -119,15 +119,12 @@ class _Fuser:
                     return True
         return False
 
-    def reads_outside(self, name: str, names) -> bool:
-        """A view of a value no kernel computes (an input, an ATen result): as a member it would only make
-        the kernel's shape irregular (and keep it from joining a reduction later); read as a zero-copy view
-        it costs nothing."""
-        node = self.fg.node(name)
-        if node.kind != "view" or not isinstance(node.args[0], Ref) or node.args[0].name in names:
-            return False
-        src = node.args[0].name
-        return self.fg.node(src).kind in ("placeholder", "symbol") or not self.fusable(src)
+    def views_outside(self, name: str) -> bool:
+        """A view of a value no kernel computes (an input, an ATen result) stays a zero-copy view that kernels
+        read through its strides: as a member it could only make a kernel's shape irregular and keep its
+        group from joining another (a transposed weight in a GEMV prologue, k.float().transpose(-2, -1))."""
+        src = self.fg.node(name).args[0]
+        return self.fg.node(src.name).kind in ("placeholder", "symbol") or not self.fusable(src.name)
 
     def creates_cycle(self, merged: set) -> bool:
         """A path leaving the merged set and coming back (through nodes or through other groups)."""
