@@ -13,7 +13,7 @@ from . import decompositions, progress, report as report_mod
 from .emit import EmitError, emit_kernel
 from .graph import lower
 from .options import FuseOptions
-from .passes import batch_horizontal, fuse_vertical
+from .passes import batch_horizontal, fuse_vertical, rematerialize
 from .runtime import build_program, compile_kernel
 
 
@@ -39,7 +39,7 @@ def compile_graph(opts: FuseOptions, kind: str, gm: torch.fx.GraphModule, exampl
         report_mod.record(rep, opts)
         warnings.warn("fusebackend: this graph's symbolic sizes are not supported; it runs as ATen calls")
         return _boxed(gm)
-    groups = fuse_vertical(fg, max_nodes=opts.max_group_nodes)
+    groups = fuse_vertical(rematerialize(fg), max_nodes=opts.max_group_nodes)
     groups, batches = batch_horizontal(fg, groups)
     kernels = _build_kernels(fg, groups, opts, rep)
     program = build_program(fg, groups, kernels, opts, batches)

@@ -26,6 +26,13 @@ def _rms(x, w):
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * w
 
 
+def _causal_layers(x, w):
+    """Two softmax layers reading one causal mask built from arange (rematerialised into both kernels)."""
+    i = torch.arange(x.shape[-1], device=x.device)
+    mask = torch.where(i[None, :] <= i[:, None], 0.0, float("-inf")).to(x.dtype)
+    return torch.softmax(torch.softmax(x + mask, -1) @ w + mask, -1)
+
+
 BF, HF = torch.bfloat16, torch.float16
 
 # name -> (fn, make_args(device))
@@ -96,8 +103,11 @@ CASES = {
                    lambda d: (torch.randint(-9, 9, (8, 256), device=d),)),
     "div_floor": (lambda a, b: 1.0 / torch.div(a, b, rounding_mode="floor"),
                   lambda d: (_t(64, 33, device=d), _pos(64, 33, device=d) - 1.0)),
+    "causal_mask_layers": (_causal_layers, lambda d: (_t(2, 3, 64, 64, device=d), _t(64, 64, device=d))),
+    "causal_mask_layers_bf16": (_causal_layers, lambda d: (_t(2, 3, 64, 64, dtype=BF, device=d),
+                                                            _t(64, 64, dtype=BF, device=d))),
     "empty": (lambda x: x * 2, lambda d: (_t(0, 5, device=d),)),
     "zero_length_rows": (lambda x: x.sum(-1), lambda d: (_t(5, 0, device=d),)),
 }
 ROW_CASES = ["softmax", "softmax_dim0", "softmax_misaligned", "layernorm_gelu_bf16",
-             "layernorm_misaligned_bf16", "var_mean", "mean_mid"]
+             "layernorm_misaligned_bf16", "var_mean", "mean_mid", "causal_mask_layers_bf16"]

@@ -24,7 +24,7 @@ from fusebackend.emit import cuda_target as E  # noqa: E402
 from fusebackend.emit.cuda import emit_cuda  # noqa: E402
 from fusebackend.graph import lower  # noqa: E402
 from fusebackend.options import FuseOptions  # noqa: E402
-from fusebackend.passes import fuse_vertical  # noqa: E402
+from fusebackend.passes import fuse_vertical, rematerialize  # noqa: E402
 from fusebackend.runtime import build_program  # noqa: E402
 from fusebackend.runtime import cuda_compiler as CC  # noqa: E402
 from fusebackend.runtime.steps import LayoutMismatch  # noqa: E402
@@ -48,7 +48,7 @@ def capture(fn, args):
     backend = aot_autograd(fw_compiler=comp, inference_compiler=comp, decompositions=decompositions.table())
     with torch.no_grad():
         torch.compile(fn, backend=backend)(*args)
-    fg = lower(got[0])
+    fg = rematerialize(lower(got[0]))
     return fg, fuse_vertical(fg)
 
 
@@ -175,7 +175,7 @@ def test_source_has_no_launch_shape():
 
 def compile_emulated(fn, used):
     def compiler(gm, example_inputs):
-        fg = lower(gm)
+        fg = rematerialize(lower(gm))
         groups = fuse_vertical(fg)
         kernels = {}
         for g in groups:

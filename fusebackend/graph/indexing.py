@@ -47,6 +47,10 @@ def is_index_op(target) -> bool:
     return _name(target) in ("cat", "arange")
 
 
+def is_cat(target) -> bool:
+    return _name(target) == "cat"
+
+
 def remaps_index(node) -> bool:
     """A fusable node that reads an operand at an index other than its own (views, cat) or uses the index
     as a value (arange): a kernel holding one cannot walk its operands through one linear index."""

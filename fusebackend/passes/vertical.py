@@ -6,7 +6,7 @@ A pass: FusionGraph -> list of Groups in a valid execution order. It never compi
 from __future__ import annotations
 
 from ..graph import registry
-from ..graph.indexing import is_index_op
+from ..graph.indexing import is_cat
 from ..graph.fusion_graph import FusionGraph, Ref
 from .groups import FUSABLE, Group, finish_io
 from .schedule import order_groups
@@ -69,7 +69,7 @@ class _Fuser:
                 reds.add((in_shape, red.dims))
         if len(reds) > 1:
             return None
-        if reds and any(is_index_op(self.fg.node(n).target) for n in names):
+        if reds and any(is_cat(self.fg.node(n).target) for n in names):
             return None                          # a row plan reads every value at the row's own index
         if reds and self.moves_reduced_values(names):
             return None

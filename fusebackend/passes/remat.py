@@ -1,0 +1,85 @@
+"""Rematerialisation: a value computed from indices and constants alone (an attention mask built from
+arange, full and where) is recomputed in each kernel that reads it, instead of being written once and read
+back by every layer. Reading it back costs a kernel and its bytes; computing it costs a few instructions.
+
+A pass: FusionGraph -> FusionGraph. The value's cone (the node and its producers, all index- or constant-
+generated) is copied once per fusable reader after the first; the vertical pass then fuses each copy into
+its reader's kernel. Values a graph output or an ATen call reads stay as they are.
+"""
+from __future__ import annotations
+
+from ..graph.fusion_graph import FusionGraph, OpNode, Ref
+from .groups import FUSABLE
+
+MAX_CONE = 48       # nodes: a larger generated value is written once rather than copied into every reader
+
+
+def _generated(fg: FusionGraph) -> set:
+    """Pointwise and view nodes whose every operand is itself generated (or a size symbol)."""
+    gen = set()
+    for node in fg.nodes():
+        if node.kind not in ("pointwise", "view") or node.meta is None:
+            continue
+        if all(p in gen or fg.node(p).kind == "symbol" for p in fg.producers(node.name)):
+            gen.add(node.name)
+    return gen
+
+
+def _cone(fg: FusionGraph, name: str, gen: set) -> list:
+    seen, stack = set(), [name]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(p for p in fg.producers(n) if p in gen)
+    return sorted(seen, key=lambda n: fg.node(n).index)
+
+
+def _remap(x, mapping: dict):
+    if isinstance(x, Ref):
+        return Ref(mapping.get(x.name, x.name), x.item)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_remap(v, mapping) for v in x)
+    if isinstance(x, dict):
+        return {k: _remap(v, mapping) for k, v in x.items()}
+    return x
+
+
+def _copy_cone(fg: FusionGraph, cone: list, tag: str, before: float, order: dict) -> dict:
+    mapping = {}
+    for k, n in enumerate(cone):
+        node = fg.node(n)
+        copy = OpNode("%s_%s" % (n, tag), node.kind, node.target, _remap(node.args, mapping),
+                      _remap(node.kwargs, mapping), node.meta, node.multi_meta, flops=node.flops,
+                      bytes=node.bytes, device=node.device)
+        fg.add(copy, [mapping.get(p, p) for p in fg.producers(n)])
+        order[copy.name] = (before, k)
+        mapping[n] = copy.name
+    return mapping
+
+
+def rematerialize(fg: FusionGraph, max_cone: int = MAX_CONE) -> FusionGraph:
+    """Copy each generated value read by several kernels into every reader but the first (in place)."""
+    gen = _generated(fg)
+    outputs = fg.output_names()
+    order = {n.name: (n.index, 0) for n in fg.nodes()}
+    copies = 0
+    for f in sorted(gen, key=lambda n: fg.node(n).index):
+        readers = sorted((u for u in fg.users(f) if u not in gen), key=lambda u: fg.node(u).index)
+        if f in outputs or len(readers) < 2 or any(fg.node(u).kind not in FUSABLE for u in readers):
+            continue
+        cone = _cone(fg, f, gen)
+        if len(cone) > max_cone:
+            continue
+        for u in readers[1:]:
+            copies += 1
+            mapping = _copy_cone(fg, cone, "r%d" % copies, fg.node(u).index - 0.5, order)
+            reader = fg.node(u)
+            reader.args, reader.kwargs = _remap(reader.args, {f: mapping[f]}), _remap(reader.kwargs, {f: mapping[f]})
+            fg.g.remove_edge(f, u)
+            fg.g.add_edge(mapping[f], u)
+    if copies:
+        for i, name in enumerate(sorted(order, key=order.get)):   # copies sit just before their reader
+            fg.node(name).index = i
+    return fg
