@@ -82,12 +82,18 @@ def _print_groups(fn, args):
     with torch.no_grad():
         rep = fusebackend.explain(fn, *args)
     print("== fuse groups: %d kernels, %d ATen calls" % (rep.num_kernels, rep.num_aten_calls))
-    for g in rep.groups:
-        if g["kind"] != "view":
-            ops = " ".join(o.split(".")[0] for o in g["ops"])
-            print("   %-9s %-22s %s%s" % (g["kind"], g["domain"], ops[:160],
-                                       "  FALLBACK: %s" % g["fallback"] if g["fallback"] else ""))
-
+    for gr in rep.graph_reports:
+        if gr.kind == "backward":
+            continue
+        fg = gr.graph
+        for g in gr.groups:
+            if g.kind == "view":
+                continue
+            ops = " ".join(fg.node(n).op_name.split(".")[0] for n in g.nodes)
+            reads = " ".join("%s:%s" % (r.name, fg.node(r.name).op_name.split(".")[0]) for r in g.inputs)
+            print("   %-9s %-22s %s%s\n             reads %s" % (
+                g.kind, tuple(g.domain), ops, "  FALLBACK: %s" % g.fallback_reason if g.fallback_reason else "",
+                reads))
 
 if __name__ == "__main__":
     main()

@@ -3,9 +3,12 @@
 A [M, K] x [K, N] product with N (or K) not a multiple of 8 has a row pitch that is not 16-byte aligned:
 cuBLAS falls back to an align1 kernel. GPT-2's LM head (N = 50257) ran in 6.6 ms there on an H100 where the
 padded product takes 0.9 ms (Inductor pads too). We pad the weight with zeros to the next multiple of 8
-(a copy of the weight per call: ~50 us for GPT-2's 77 MB), multiply, and copy the [M, N] part out so the
-result is contiguous like eager's -- a consumer that views it keeps working. Zeros along K add nothing;
-padded columns of N are dropped.
+(a copy of the weight per call: ~80 us for GPT-2's 77 MB), multiply, and return the [M, N] slice of the
+padded product: its rows are N + pad apart, not N as in eager. Copying it out contiguous cost 1.0 ms of
+the 2.0 at GPT-2's size; Inductor returns the same strided slice (strides (50264, 1), measured with
+bench/lm_head_layouts.py). A `view` in the same graph that these strides cannot serve reads a contiguous
+copy instead (`view` below); user code that views the returned logits across rows needs `.reshape`, as
+with Inductor. Zeros along K add nothing; padded columns of N are dropped.
 """
 from __future__ import annotations
 
@@ -42,9 +45,44 @@ def padded_mm(a, b):
     else:
         b = aten.constant_pad_nd.default(b, [0, pn, 0, pk], 0.0)
     out = aten.mm.default(a, b)
-    if pn:
-        out = aten.clone.default(aten.slice.Tensor(out, 1, 0, n), memory_format=torch.contiguous_format)
-    return out
+    return aten.slice.Tensor(out, 1, 0, n) if pn else out
+
+
+def _view_strides(shape, strides, new_shape):
+    """The strides of new_shape viewing a tensor of (shape, strides), or None where no view exists (static
+    sizes; ATen's computeStride: each run of dims merged must be contiguous within itself)."""
+    new_strides = [0] * len(new_shape)
+    vd, chunk_base, tensor_numel, view_numel = len(new_shape) - 1, strides[-1] if strides else 1, 1, 1
+    for td in range(len(shape) - 1, -1, -1):
+        tensor_numel *= shape[td]
+        if td == 0 or (shape[td - 1] != 1 and strides[td - 1] != tensor_numel * chunk_base):
+            while vd >= 0 and (view_numel < tensor_numel or new_shape[vd] == 1):
+                new_strides[vd] = view_numel * chunk_base
+                view_numel *= new_shape[vd]
+                vd -= 1
+            if view_numel != tensor_numel:
+                return None
+            if td > 0:
+                chunk_base, tensor_numel, view_numel = strides[td - 1], 1, 1
+    return new_strides if vd == -1 else None
+
+
+def view_decomposition():
+    """aten.view of a tensor whose strides cannot be viewed (a padded product's slice): a contiguous copy
+    viewed, as reshape does. Every other view is left to ATen."""
+    def view(x, size):
+        if x.is_contiguous() or not all(isinstance(s, int) for s in list(x.shape) + list(size)) or x.numel() == 0:
+            return NotImplemented
+        size = list(size)
+        if -1 in size:
+            known = 1
+            for s in size:
+                known *= s if s != -1 else 1
+            size[size.index(-1)] = x.numel() // known
+        if _view_strides(list(x.shape), list(x.stride()), size) is not None:
+            return NotImplemented
+        return aten._unsafe_view.default(aten.clone.default(x, memory_format=torch.contiguous_format), size)
+    return view
 
 
 def decomposition():

@@ -105,6 +105,8 @@ def table(gemv_max_rows: int = 0, pad_matmul: bool = False) -> dict:
         ([decomp_pad_mm.decomposition()] if pad_matmul else [])
     if mms:
         d[aten.mm.default] = _first_of(mms)
+    if pad_matmul:
+        d[aten.view.default] = decomp_pad_mm.view_decomposition()
     if gemv_max_rows > 0:
         d[aten.addmm.default] = decomp_gemv.addmm_decomposition(gemv_max_rows)
     return d

@@ -30,6 +30,20 @@ def test_causal_mask_is_computed_inside_both_softmax_kernels():
         numerics.assert_matches(_causal_layers, torch.compile(_causal_layers, backend="fuse"), _args(dtype))
 
 
+def test_one_bool_mask_made_float_per_layer_is_computed_in_each_layer():
+    """HF's SDPA path: one bool mask, turned into a float mask by a where in each layer."""
+    def fn(x, w):
+        i = torch.arange(x.shape[-1])
+        keep = (i[None, :] <= i[:, None]).expand(2, 1, 32, 32)
+        for _ in range(3):
+            x = torch.softmax(x + torch.where(keep, 0.0, float("-inf")), -1) @ w
+        return x
+    kernels = _kernels(fn, *_args())
+    assert len(kernels) == 3 and all(g["kind"] == "reduction" for g in kernels), kernels
+    torch._dynamo.reset()
+    numerics.assert_matches(fn, torch.compile(fn, backend="fuse"), _args())
+
+
 def test_mask_read_by_an_aten_call_or_returned_is_written_once():
     def fn(x, w):
         i = torch.arange(x.shape[-1])

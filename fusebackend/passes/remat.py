@@ -3,8 +3,8 @@ arange, full and where) is recomputed in each kernel that reads it, instead of b
 back by every layer. Reading it back costs a kernel and its bytes; computing it costs a few instructions.
 
 A pass: FusionGraph -> FusionGraph. The value's cone (the node and its producers, all index- or constant-
-generated) is copied once per fusable reader after the first; the vertical pass then fuses each copy into
-its reader's kernel. Values a graph output or an ATen call reads stay as they are.
+generated) is copied once per fusable reader and the original dropped; the vertical pass then fuses each
+copy into its reader's kernel. Values a graph output or an ATen call reads stay as they are.
 """
 from __future__ import annotations
 
@@ -60,19 +60,29 @@ def _copy_cone(fg: FusionGraph, cone: list, tag: str, before: float, order: dict
 
 
 def rematerialize(fg: FusionGraph, max_cone: int = MAX_CONE) -> FusionGraph:
-    """Copy each generated value read by several kernels into every reader but the first (in place)."""
+    """Copy each generated value into every kernel that reads it (in place), where that saves a kernel: the
+    value has several readers, or its cone shares nodes with another's (a bool mask turned into one float
+    mask per layer: written together, they would be one kernel with an output per layer)."""
     gen = _generated(fg)
     outputs = fg.output_names()
     order = {n.name: (n.index, 0) for n in fg.nodes()}
-    copies = 0
+    plans = []
     for f in sorted(gen, key=lambda n: fg.node(n).index):
         readers = sorted((u for u in fg.users(f) if u not in gen), key=lambda u: fg.node(u).index)
-        if f in outputs or len(readers) < 2 or any(fg.node(u).kind not in FUSABLE for u in readers):
+        if f in outputs or not readers or any(fg.node(u).kind not in FUSABLE for u in readers):
             continue
         cone = _cone(fg, f, gen)
-        if len(cone) > max_cone:
-            continue
-        for u in readers[1:]:
+        if len(cone) <= max_cone:
+            plans.append((f, readers, cone))
+    shared = {}
+    for _, _, cone in plans:
+        for n in cone:
+            shared[n] = shared.get(n, 0) + 1
+    copies = 0
+    for f, readers, cone in plans:
+        if len(readers) == 1 and all(shared[n] == 1 for n in cone):
+            continue                             # one reader, nothing shared: the vertical pass fuses it as is
+        for u in readers:
             copies += 1
             mapping = _copy_cone(fg, cone, "r%d" % copies, fg.node(u).index - 0.5, order)
             reader = fg.node(u)
@@ -80,6 +90,18 @@ def rematerialize(fg: FusionGraph, max_cone: int = MAX_CONE) -> FusionGraph:
             fg.g.remove_edge(f, u)
             fg.g.add_edge(mapping[f], u)
     if copies:
+        _drop_dead(fg, gen, outputs, order)
         for i, name in enumerate(sorted(order, key=order.get)):   # copies sit just before their reader
             fg.node(name).index = i
     return fg
+
+
+def _drop_dead(fg: FusionGraph, gen: set, outputs: set, order: dict) -> None:
+    """Originals whose every reader now reads a copy."""
+    dead = [n for n in gen if not fg.users(n) and n not in outputs]
+    while dead:
+        n = dead.pop()
+        producers = fg.producers(n)
+        fg.g.remove_node(n)
+        del order[n]
+        dead.extend(p for p in producers if p in gen and p in order and not fg.users(p) and p not in outputs)
