@@ -33,10 +33,14 @@ def _count(x, dims):
 def var_correction(x, dim=None, *, correction=None, keepdim=False):
     dims = _norm_dims(x, dim)
     corr = 1 if correction is None else correction
-    mean = aten.mean.dim(x, dims, True)
-    d = aten.sub.Tensor(x, mean)
+    # half types: in float32, rounded once, as ATen's kernel does (a float16 sum of squares overflows to inf
+    # where the variance itself fits: fuzz seed 18)
+    xf = aten._to_copy.default(x, dtype=torch.float32) if x.dtype in HALF else x
+    mean = aten.mean.dim(xf, dims, True)
+    d = aten.sub.Tensor(xf, mean)
     ss = aten.sum.dim_IntList(aten.mul.Tensor(d, d), dims, keepdim)
-    return aten.div.Tensor(ss, max(0, _count(x, dims) - corr))
+    v = aten.div.Tensor(ss, max(0, _count(x, dims) - corr))
+    return aten._to_copy.default(v, dtype=x.dtype) if x.dtype in HALF else v
 
 
 def var_mean_correction(x, dim=None, *, correction=None, keepdim=False):

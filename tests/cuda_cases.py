@@ -33,6 +33,12 @@ def _causal_layers(x, w):
     return torch.softmax(torch.softmax(x + mask, -1) @ w + mask, -1)
 
 
+def _embed_ln(ids, word, pos, w, b):
+    """Word + position embeddings and their layer norm: one row kernel reading both tables (takes)."""
+    h = F.embedding(ids, word) + F.embedding(torch.arange(ids.shape[1], device=ids.device), pos)
+    return F.layer_norm(h, (word.shape[1],), w, b)
+
+
 BF, HF = torch.bfloat16, torch.float16
 
 # name -> (fn, make_args(device))
@@ -106,8 +112,15 @@ CASES = {
     "causal_mask_layers": (_causal_layers, lambda d: (_t(2, 3, 64, 64, device=d), _t(64, 64, device=d))),
     "causal_mask_layers_bf16": (_causal_layers, lambda d: (_t(2, 3, 64, 64, dtype=BF, device=d),
                                                             _t(64, 64, dtype=BF, device=d))),
+    "embedding_layernorm_bf16": (_embed_ln, lambda d: (
+        torch.randint(0, 500, (4, 64), device=d), _t(500, 256, dtype=BF, device=d), _t(64, 256, dtype=BF, device=d),
+        _t(256, dtype=BF, device=d), _t(256, dtype=BF, device=d))),
+    "gather_index_select": (lambda x, i, j: torch.gather(x, 1, i) + torch.index_select(x, 1, j)[:, :3] * x[j[:3]][:1, :3],
+                            lambda d: (_t(64, 40, device=d), torch.randint(0, 40, (64, 3), device=d),
+                                       torch.randint(0, 40, (5,), device=d))),
     "empty": (lambda x: x * 2, lambda d: (_t(0, 5, device=d),)),
     "zero_length_rows": (lambda x: x.sum(-1), lambda d: (_t(5, 0, device=d),)),
 }
 ROW_CASES = ["softmax", "softmax_dim0", "softmax_misaligned", "layernorm_gelu_bf16",
-             "layernorm_misaligned_bf16", "var_mean", "mean_mid", "causal_mask_layers_bf16"]
+             "layernorm_misaligned_bf16", "var_mean", "mean_mid", "causal_mask_layers_bf16",
+             "embedding_layernorm_bf16"]

@@ -112,7 +112,7 @@ def kernel_source(group, b: ExprBuilder, name: str, target: str, kind: str, sour
         domain=tuple(group.domain), reduce_dims=tuple(group.reduce_dims),
         operand_ranks=tuple(op.meta.rank for op in b.operands),
         unit_strides=tuple((op.slot, d) for op in b.operands for d in sorted(op.unit_dims)),
-        contiguous_slots=tuple(op.slot for op in b.operands if op.flat), **extra)
+        contiguous_slots=tuple(op.slot for op in b.operands if op.flat), checks_index=b.takes, **extra)
 
 
 def emit_shape(fg: FusionGraph, group, shapes: dict) -> KernelSource:

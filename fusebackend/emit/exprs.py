@@ -63,6 +63,7 @@ class ExprBuilder:
         self.counter = 0
         self.reduction_value: dict[str, str] = {}   # reduction node -> finished accumulator variable
         self.hook: Optional[Callable] = None        # ((name, item), idx) -> variable or None: caches, rows
+        self.takes = False                          # an index tensor is read: the kernel checks its range
 
     # ---- operands
     def _operand(self, key, meta, is_output):

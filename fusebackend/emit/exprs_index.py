@@ -1,4 +1,5 @@
-"""Scalar code of the index ops (graph/indexing.py): cat and integer arange, for every target and shape.
+"""Scalar code of the index ops (graph/indexing.py): cat, integer arange and takes (embedding, gather,
+index_select, index), for every target and shape.
 
 A cat's value at an index is computed in one branch per input, each reading its input at the index
 shifted back by the input's offset along the cat dim: only the input that owns the element is evaluated
@@ -23,7 +24,30 @@ def index_value(b, node, idx: tuple) -> str:
         var = b.fresh()
         b.emit("const %s %s = (%s)(%dLL + (int64_t)(%s) * %dLL);" % (ct, var, ct, op.start, idx[0], op.step))
         return var
+    if isinstance(op, indexing.Take):
+        return _take(b, node, op, idx)
     raise EmitError("%s is not an index op the kernels cover" % node.op_name)
+
+
+def _take(b, node, take, idx: tuple) -> str:
+    """Load the index, check it against the source's size (FB_CHECK_INDEX: fb_core.h), read the source
+    there. The source is read at a data-dependent position: no hoisted vector load may serve it."""
+    irank = b.meta_of(take.index).rank
+    raw = b.value(take.index, take.index_at(idx, irank))
+    picked = b.fresh("t")
+    b.emit("int64_t %s = (int64_t)%s;" % (picked, raw))
+    if take.wrap:
+        b.emit("if (%s < 0) %s += %dLL;" % (picked, picked, take.limit))
+    b.emit("FB_CHECK_INDEX(%s, %dLL);" % (picked, take.limit))
+    b.takes = True
+    vec = getattr(b, "vec", None)
+    if vec is not None:
+        b.vec = None
+    try:
+        return b.value(take.src, take.src_at(idx, picked, irank))
+    finally:
+        if vec is not None:
+            b.vec = vec
 
 
 def _shifted(idx: tuple, dim: int, offset: int) -> tuple:

@@ -27,6 +27,9 @@ class KernelSource:
     # Entry point running many problems of this kernel in one launch (horizontal fusion), if emitted:
     # batch(P, M, nprob, nptr, nmeta) with problem p's pointers at P + p*nptr and meta at M + p*nmeta.
     batch_name: str = ""
+    # The kernel reads through an index tensor (embedding, gather): an index out of range traps on CUDA
+    # and, on the CPU, sets the library's `fb_index_error`, which the runtime raises as IndexError.
+    checks_index: bool = False
 
     @property
     def num_operands(self) -> int:

@@ -4,6 +4,9 @@
   along the cat dim, for the i whose range holds the index. Inputs may be members of a kernel (computed
   there) or loads; sizes along the cat dim must be static so the ranges are compile-time constants.
 - `arange` (integer): the value at index i is start + i * step.
+- `embedding`, `index_select`, `gather`, `index` (one index tensor on dim 0): a take, the source read where
+  an integer index tensor points, checked against the source's (static) size along that dim: out of range is
+  an error, as in eager (the emitter's FB_CHECK_INDEX).
 
 The vertical pass treats both as pointwise ops; the emitter (emit/exprs_index.py) writes their index code.
 """
@@ -39,12 +42,47 @@ class Arange:
     step: int
 
 
+@dataclass(frozen=True)
+class Take:
+    """out[idx] = src[idx with src dim `dim` replaced by index[index_dims(idx)]]."""
+    kind: str                 # embedding | index_select | gather | index
+    src: Ref
+    index: Ref
+    dim: int                  # the src dim the index picks
+    limit: int                # src.shape[dim]
+    wrap: bool                # negative indices count from the end (x[idx]), else they are out of range
+
+    def index_at(self, idx: tuple, index_rank: int) -> tuple:
+        """The index tensor's position read for output position idx."""
+        if self.kind == "embedding":
+            return idx[:-1]
+        if self.kind == "index_select":
+            return (idx[self.dim],)
+        if self.kind == "gather":
+            return idx
+        return idx[:index_rank]                       # index: the index's dims lead the output
+
+    def src_at(self, idx: tuple, picked: str, index_rank: int) -> tuple:
+        if self.kind == "embedding":
+            return (picked, idx[-1])
+        if self.kind == "index":
+            return (picked,) + tuple(idx[index_rank:])
+        return tuple(picked if d == self.dim else e for d, e in enumerate(idx))
+
+
+TAKES = ("embedding", "index_select", "gather", "index")
+
+
 def _name(target) -> str:
     return getattr(target, "__name__", "").split(".")[0]
 
 
 def is_index_op(target) -> bool:
-    return _name(target) in ("cat", "arange")
+    return _name(target) in ("cat", "arange") + TAKES
+
+
+def is_take(target) -> bool:
+    return _name(target) in TAKES
 
 
 def is_cat(target) -> bool:
@@ -114,9 +152,38 @@ def normalize_arange(target, args, kwargs, out_meta) -> Optional[Arange]:
     return Arange(start, step)
 
 
+def normalize_take(name, args, kwargs, meta_of, out_meta) -> Optional[Take]:
+    """A fusable take: tensor source with a static size along the picked dim, an integer index tensor."""
+    if out_meta is None or kwargs.get("sparse_grad") or kwargs.get("sparse"):
+        return None
+    if name == "embedding":
+        src, index, dim = (args[0], args[1], 0) if len(args) >= 2 else (None, None, 0)
+    elif name == "index_select" and len(args) == 3:
+        src, dim, index = args
+    elif name == "gather" and len(args) >= 3:
+        src, dim, index = args[:3]
+    elif name == "index" and len(args) == 2 and isinstance(args[1], (list, tuple)) and len(args[1]) == 1:
+        src, index, dim = args[0], args[1][0], 0
+    else:
+        return None
+    if not isinstance(src, Ref) or not isinstance(index, Ref) or not isinstance(dim, int):
+        return None
+    sm, im = meta_of(src), meta_of(index)
+    if sm is None or im is None or im.dtype not in (torch.int64, torch.int32) or sm.rank == 0:
+        return None
+    dim %= sm.rank
+    if (name == "embedding" and sm.rank != 2) or (name == "index_select" and im.rank != 1) or \
+            (name == "gather" and im.rank != sm.rank) or not isinstance(sm.shape[dim], int):
+        return None
+    return Take(name, src, index, dim, sm.shape[dim], wrap=name == "index")
+
+
 def normalize(target, args, kwargs, meta_of, meta):
-    """Cat | Arange for an index op (None when it is not one, or not a fusable one); meta is its output's."""
+    """Cat | Arange | Take for an index op (None when it is not one, or not a fusable one); meta is its
+    output's."""
     name = _name(target)
+    if name in TAKES:
+        return normalize_take(name, args, kwargs, meta_of, meta)
     if name == "cat":
         return normalize_cat(args, kwargs, meta_of, meta)
     if name == "arange":

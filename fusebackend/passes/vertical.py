@@ -6,7 +6,8 @@ A pass: FusionGraph -> list of Groups in a valid execution order. It never compi
 from __future__ import annotations
 
 from ..graph import registry
-from ..graph.indexing import is_cat
+from ..graph import indexing
+from ..graph.indexing import is_cat, is_take
 from ..graph.fusion_graph import FusionGraph, Ref
 from .groups import FUSABLE, Group, finish_io
 from .schedule import order_groups
@@ -87,13 +88,16 @@ class _Fuser:
                 if fits(dom, s) and len(s) >= len(dom):
                     dom = s
         keep, drop = outer_shapes(dom, rdims)
+        index_only = self.index_only(names, written)
         for n in names:
             node = self.fg.node(n)
             s = node.meta.shape
             if node.kind == "reduction":
                 continue
             needs_write = n in written
-            loose = not (rdims or needs_write)   # read inside only: computed at whatever index is asked
+            # read inside only: computed at whatever index is asked (in a row kernel, only index tensors:
+            # a take asks for them at its own output's position)
+            loose = not (rdims or needs_write) or n in index_only
             if not (fits(s, dom) or (rdims and s == drop) or loose):
                 return None
             if needs_write and s != dom and not (rdims and s in (keep, drop)):
@@ -101,21 +105,45 @@ class _Fuser:
             if rdims and s == drop and len(drop) != len(dom) and not is_per_row(s, dom, rdims):
                 return None
             if rdims and len(s) == len(dom) and node.kind != "view":
+                index = self._index_of(n)          # (a take reads its index at its own leading dims)
                 for p in self.fg.producers(n):     # a dropped-dims value broadcast right-aligned is not per row
                     ps = self.fg.node(p).meta.shape if self.fg.node(p).meta else None
-                    if p in names and ps == drop and len(drop) != len(dom):
+                    if p in names and p != index and ps == drop and len(drop) != len(dom):
                         return None
         return dom, rdims
 
+    def index_only(self, names, written) -> set:
+        """Members read only as the index of a take (the position ids of an embedding), directly or through
+        pointwise ops and views that are themselves index-only."""
+        out = set()
+        for n in sorted(names, key=lambda n: -self.fg.node(n).index):
+            if n in written or self.fg.node(n).kind not in ("pointwise", "view"):
+                continue
+            users = [u for u in self.fg.users(n) if u in names]
+            if users and all(u in out or self._index_of(u) == n for u in users):
+                out.add(n)
+        return out
+
+    def _index_of(self, name: str):
+        """The index tensor's node name when `name` is a take that reads its source elsewhere."""
+        node = self.fg.node(name)
+        if node.kind != "pointwise" or not is_take(node.target):
+            return None
+        take = indexing.normalize(node.target, node.args, node.kwargs, self.fg.meta_of, node.meta)
+        return take.index.name if take is not None and take.src.name != take.index.name else None
+
     def moves_reduced_values(self, names) -> bool:
-        """A view that may read a value computed from the group's reduction at another index than its own
-        (layer_norm(x)[9], a permute of a softmax): the row kernel has that value only at the row it is on."""
+        """A view or take that may read a value computed from the group's reduction at another index than
+        its own (layer_norm(x)[9], a permute of a softmax, a gather from one): the row kernel has that value
+        only at the row it is on."""
         derived = set()
         for n in sorted(names, key=lambda n: self.fg.node(n).index):
             node = self.fg.node(n)
             if node.kind == "reduction" or any(p in derived for p in self.fg.producers(n)):
                 derived.add(n)
                 if node.kind == "view" and node.op_name.split(".")[0] in INDEX_MOVING_VIEWS:
+                    return True
+                if node.kind == "pointwise" and is_take(node.target):     # embedding of a normalised table
                     return True
         return False
 

@@ -118,12 +118,20 @@ def cpu_launcher(lib, spec):
     fn = getattr(lib, spec.name)
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     fn.restype = None
+    flag = ctypes.c_int.in_dll(lib, "fb_index_error") if spec.checks_index else None
+
+    def check():
+        if flag is not None and flag.value:
+            flag.value = 0
+            raise IndexError("fusebackend: index out of range in self (an index tensor read by kernel %s "
+                             "points outside its source, as eager reports)" % spec.name)
 
     def launch(tensors, meta):
         if isinstance(meta, list):
             meta = pack(meta)
         ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
         fn(ptrs, meta)
+        check()
 
     def pack(values):
         return (ctypes.c_int64 * max(1, len(values)))(*values)
@@ -140,5 +148,6 @@ def cpu_launcher(lib, spec):
         def batch(plan, addrs):
             meta, nprob, nmeta = plan
             bfn((ctypes.c_uint64 * len(addrs))(*addrs), meta, nprob, len(addrs) // nprob, nmeta)
+            check()
         launch.batch_plan, launch.batch = batch_plan, batch
     return launch

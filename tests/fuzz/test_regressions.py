@@ -253,3 +253,14 @@ def test_select_of_another_row_of_a_layer_norm():
     a, m = torch.randn(16, 5, 2, generator=g), torch.randn(16, 5, 2, generator=g) > 0
     fn = lambda a, m: m / (torch.abs(F.layer_norm(a, (5, 2), None, None, 1e-05).select(0, 9)) + 0.5)
     torch.testing.assert_close(torch.compile(fn, backend="fuse")(a, m), fn(a, m), rtol=1e-5, atol=1e-6)
+
+
+# 18. (fuzz seed 18): var of a float16 tensor computed with float16 intermediates: the sum of squares
+#     (158848) overflowed to inf where eager's float32 accumulation gives a variance of 39712. The var
+#     decomposition now runs in float32 for half types and rounds once.
+def test_half_var_whose_sum_of_squares_overflows_float16():
+    x = torch.tensor([[-300.0, 3.0], [-60.0, 1.0], [225.0, 2.0], [135.0, 5.0], [-15.0, 7.0]]).half()
+    fn = lambda x: torch.var(x * 1, 0, correction=1)
+    got, want = torch.compile(fn, backend="fuse")(x), fn(x)
+    assert torch.isfinite(want).all() and want[0] > 30000
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=0)

@@ -22,8 +22,21 @@ typedef unsigned int uint32_t;
 typedef unsigned long long uint64_t;
 #else
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#endif
+
+// An index out of its tensor's range (embedding, gather, index_select, x[idx]) is an error, as in eager:
+// CUDA kernels trap (eager fails a device assert); CPU kernels raise the library's flag, which the runtime
+// turns into IndexError, and read position 0 so that no load leaves the tensor.
+#if defined(__CUDA_ARCH__)
+#define FB_CHECK_INDEX(r, n) do { if ((uint64_t)(r) >= (uint64_t)(n)) __trap(); } while (0)
+#elif FB_CUDA
+#define FB_CHECK_INDEX(r, n) do { if ((uint64_t)(r) >= (uint64_t)(n)) abort(); } while (0)
+#else
+extern "C" { __attribute__((visibility("default"))) int fb_index_error = 0; }
+#define FB_CHECK_INDEX(r, n) do { if ((uint64_t)(r) >= (uint64_t)(n)) { fb_index_error = 1; (r) = 0; } } while (0)
 #endif
 
 namespace fb {
