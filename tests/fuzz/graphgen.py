@@ -589,6 +589,34 @@ class Builder:
         return self.new("%s @ %s" % (a.name, b.name), [a, b], False, a.bound * b.bound * max(1, a.shape[-1]),
                         sums=True)
 
+    def op_take(self):
+        """gather / index_select / x[idx] / embedding with an index computed in the graph (an integer value
+        brought into range by remainder; x[idx] also with negative indices)."""
+        a = self.pick(lambda v: v.meta.dim() >= 1 and 0 not in v.shape)
+        b = self.pick(lambda v: v.exact and v.meta.numel() > 0 and (v.dtype in INT or (
+            v.dtype in FLOAT and not v.nonfinite and v.bound is not None and v.bound < 1e9)), prefer_recent=False)
+        if a is None or b is None:
+            return False
+        rank = a.meta.dim()
+        kind = self.choice(("gather", "index_select", "index", "embedding"))
+        d = self.d(st.integers(0, rank - 1)) if kind in ("gather", "index_select") else 0
+        iv = b.name if b.dtype in INT else "%s.to(torch.int64)" % b.name
+        idx = "torch.remainder(%s, %d)" % (iv, a.shape[d])
+        if kind == "gather":
+            if b.meta.dim() > rank:
+                return False
+            idx = "%s.long().expand(%r)" % (idx, tuple(a.shape))
+            expr = "torch.gather(%s, %d, %s)" % (a.name, d, idx)
+        elif kind == "index_select":
+            expr = "torch.index_select(%s, %d, %s.flatten())" % (a.name, d, idx)
+        elif kind == "index":
+            expr = "%s[%s%s]" % (a.name, idx, " - %d" % a.shape[0] if self.d(st.booleans()) else "")
+        else:
+            if rank != 2 or a.dtype not in FLOAT:
+                return False
+            expr = "F.embedding(%s, %s)" % (idx, a.name)
+        return self.new(expr, [a, b], a.exact, a.bound)
+
     def op_repeat(self):
         """An earlier one-operand op again on another value of the same dtype and rank: identical kernels on
         different tensors (the horizontal batch path)."""
@@ -826,7 +854,7 @@ def _arith_bound(name, a, b):
 
 OP_FAMILIES = (("op_binary", 6), ("op_smooth", 3), ("op_exact_unary", 3), ("op_reduce", 3), ("op_rowwise", 2),
                ("op_compare", 2), ("op_where", 2), ("op_cast", 2), ("op_view", 2), ("op_clamp", 1),
-               ("op_logical", 1), ("op_classify", 1), ("op_opaque", 1), ("op_repeat", 2))
+               ("op_logical", 1), ("op_classify", 1), ("op_opaque", 1), ("op_repeat", 2), ("op_take", 2))
 _WEIGHTED = tuple(name for name, w in OP_FAMILIES for _ in range(w))
 
 
