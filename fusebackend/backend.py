@@ -12,6 +12,7 @@ from torch._dynamo.backends.common import aot_autograd
 from . import decompositions, progress, report as report_mod
 from .emit import EmitError, emit_kernel
 from .graph import lower
+from .graph.fusion_graph import FusionGraph
 from .options import FuseOptions
 from .passes import batch_horizontal, fuse_vertical, rematerialize
 from .runtime import build_program, compile_kernel
@@ -32,7 +33,14 @@ def fuse(gm: torch.fx.GraphModule, example_inputs, options=None, **kwargs):
 
 
 def compile_graph(opts: FuseOptions, kind: str, gm: torch.fx.GraphModule, example_inputs):
-    fg = lower(gm)
+    try:
+        fg = lower(gm)
+    except NotImplementedError as e:     # a graph construct we do not lower: the whole graph runs as ATen
+        rep = report_mod.GraphReport(kind=kind, graph=FusionGraph())
+        rep.fallbacks.append(("graph", str(e)))
+        report_mod.record(rep, opts)
+        warnings.warn("fusebackend: %s; this graph runs as ATen calls" % e)
+        return _boxed(gm)
     rep = report_mod.GraphReport(kind=kind, graph=fg)
     if not _sizes_evaluable(fg):
         rep.fallbacks.append(("graph", "symbolic sizes we cannot evaluate at run time: the graph runs as ATen"))

@@ -88,6 +88,35 @@ def test_unsupported_op_runs_as_aten_with_a_correct_result():
     assert not _fuse_warnings(caught)
 
 
+def test_tensor_constant_made_inside_the_model_is_read_by_a_kernel():
+    """torch.tensor(...) inside forward becomes a get_attr constant of the AOT graph (it crashed lowering)."""
+    def f(x):
+        keep = x > 0
+        return torch.softmax(torch.where(keep, torch.zeros(()), torch.tensor(float("-inf"))) + x, -1)
+    x = torch.randn(6, 40)
+    x[:, 0] = 1.0                                        # no row is all -inf
+    rep = fusebackend.explain(f, x)
+    assert rep.num_kernels == 1 and rep.num_aten_calls == 0 and not rep.fallbacks, str(rep)
+    torch._dynamo.reset()
+    y = torch.randn(6, 40)
+    y[:, 0] = 1.0
+    assert_matches(f, torch.compile(f, backend="fuse"), (y,))
+
+
+def test_graph_we_cannot_lower_runs_as_aten_with_one_warning(monkeypatch):
+    from fusebackend import backend
+
+    def refuse(gm):
+        raise NotImplementedError("FX node kind 'call_module' is not supported")
+    monkeypatch.setattr(backend, "lower", refuse)
+    f = lambda x: torch.exp(x) * 2
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_matches(f, torch.compile(f, backend="fuse"), (torch.randn(5, 7),))
+    assert len(_fuse_warnings(caught)) == 1, [str(w.message) for w in caught]
+
+
 # ---------------------------------------------------------------- compile failures
 
 def test_compiler_that_fails_gives_one_warning_and_a_correct_result(fresh_cache, monkeypatch):

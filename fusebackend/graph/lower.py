@@ -54,6 +54,26 @@ def _cost(kind, meta, target, args, fg):
     return numel * (1 if kind != "opaque" else 0), numel * itemsize
 
 
+class TensorConstant:
+    """A tensor the graph holds (get_attr: a lifted constant, e.g. torch.tensor(-inf) inside the model);
+    the node's target, so running the node returns it without a launch."""
+
+    __name__ = "constant"
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+    def __call__(self) -> torch.Tensor:
+        return self.value
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def lower(gm: fx.GraphModule) -> FusionGraph:
     fg = FusionGraph()
     alias: dict[str, Ref] = {}
@@ -88,6 +108,10 @@ def lower(gm: fx.GraphModule) -> FusionGraph:
             node = OpNode(n.name, kind, n.target, args, kwargs, meta, multi, device=device)
             node.flops, node.bytes = _cost(kind, meta, n.target, args, fg)
             fg.add(node, deps)
+        elif n.op == "get_attr" and isinstance(_attr(gm, n.target), torch.Tensor):
+            value = _attr(gm, n.target)
+            meta = TensorMeta.of(value)
+            fg.add(OpNode(n.name, "constant", TensorConstant(value), (), {}, meta, device=meta.device))
         elif n.op == "output":
             outs = n.args[0]
             fg.outputs = list(_refs(tuple(outs) if isinstance(outs, (list, tuple)) else (outs,), alias))

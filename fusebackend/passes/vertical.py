@@ -226,9 +226,10 @@ class _Fuser:
             kinds = {self.fg.node(n).kind for n in names}
             device = self.fg.node(names[0]).device
             if kinds <= {"view"} or not kinds <= set(FUSABLE):
-                for n in names:                  # lone views run as zero-copy views; opaque ops as ATen
+                for n in names:                  # lone views (and held constants) run without a launch
                     k = self.fg.node(n).kind
-                    groups.append(Group(len(groups), "view" if k == "view" else "opaque", [n], device))
+                    groups.append(Group(len(groups), "view" if k in ("view", "constant") else "opaque", [n],
+                                        device))
                 continue
             dom, rdims = self.domain(set(names))
             kind = "reduction" if "reduction" in kinds else "pointwise"
