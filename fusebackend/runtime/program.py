@@ -5,7 +5,7 @@ import operator
 import warnings
 
 from ..graph.fusion_graph import Ref
-from .steps import AtenStep, KernelStep, LayoutMismatch, resolver
+from .steps import AtenStep, KernelStep, LayoutMismatch, ref_names, resolver
 
 
 class Program:
@@ -20,20 +20,55 @@ class Program:
         names = [o.name for o in fg.outputs if isinstance(o, Ref) and o.item is None]
         # many plain outputs (a horizontal batch returns a list): one C call gathers them
         self.gather = operator.itemgetter(*names) if len(names) == len(fg.outputs) >= 2 else None
+        self.frees = _last_uses(fg, steps)
 
     def __call__(self, args):
         env = dict(zip(self.input_names, args))
         if isinstance(args, list):
             args.clear()
+        frees = self.frees
         for i, step in enumerate(self.steps):
             try:
                 step(env)
             except LayoutMismatch as e:    # specialised layout did not hold: run that group as ATen
                 self.steps[i] = FallbackStep(step.group_nodes, "layout: %s" % e)
                 self.steps[i](env)
+            for name in frees[i]:
+                del env[name]
         if self.gather is not None:
             return list(self.gather(env))
         return [o(env) for o in self.outputs]
+
+
+def step_reads(step) -> set:
+    """Names of the values a step reads from the environment."""
+    if isinstance(step, AtenStep):
+        return step.reads
+    if hasattr(step, "members"):                       # a horizontal batch
+        return set().union(*(step_reads(m) for m in step.members))
+    if hasattr(step, "spec"):
+        return {r.name for r in step.spec.inputs}
+    if hasattr(step, "steps"):                         # a fallback group
+        return set().union(*(step_reads(s) for s in step.steps)) if step.steps else set()
+    return ref_names([getattr(n, "args", ()) for n in getattr(step, "group_nodes", [])])
+
+
+def _last_uses(fg, steps) -> list:
+    """Per step, the tensors no later step reads: dropped from the environment after it, so memory a value
+    held returns to the allocator while the graph runs (eager's lifetime, not the whole call's). Outputs,
+    and values whose sizes give a data-dependent symbol, are kept."""
+    keep = {o.name for o in fg.outputs if isinstance(o, Ref)}
+    keep |= {src[0] for src in fg.symbol_sources.values()}
+    last = {}
+    for i, step in enumerate(steps):
+        for name in step_reads(step):
+            last[name] = i
+    frees = [[] for _ in steps]
+    for name, i in last.items():
+        if name in keep or name not in fg.g or fg.node(name).kind == "symbol":
+            continue
+        frees[i].append(name)
+    return frees
 
 
 class FallbackStep:

@@ -27,6 +27,17 @@ def resolver(value):
     return _const(value)
 
 
+def ref_names(value) -> set:
+    """Names of the values an arg structure refers to."""
+    if isinstance(value, Ref):
+        return {value.name}
+    if isinstance(value, (list, tuple)):
+        return set().union(*(ref_names(v) for v in value)) if value else set()
+    if isinstance(value, dict):
+        return ref_names(list(value.values()))
+    return set()
+
+
 def _const(v):
     f = lambda env: v
     f.const = True
@@ -40,6 +51,7 @@ class AtenStep:
     def __init__(self, node):
         self.name, self.target = node.name, node.target
         self.args, self.kwargs = resolver(node.args), resolver(node.kwargs)
+        self.reads = ref_names((node.args, node.kwargs))
 
     def __call__(self, env):
         env[self.name] = self.target(*self.args(env), **self.kwargs(env))
