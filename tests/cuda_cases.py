@@ -118,6 +118,8 @@ CASES = {
     "gather_index_select": (lambda x, i, j: torch.gather(x, 1, i) + torch.index_select(x, 1, j)[:, :3] * x[j[:3]][:1, :3],
                             lambda d: (_t(64, 40, device=d), torch.randint(0, 40, (64, 3), device=d),
                                        torch.randint(0, 40, (5,), device=d))),
+    "take_reduced_mid": (lambda x, i: x[i].amin(1) + x[i].sum(-1, keepdim=True).squeeze(-1)[:, :1],
+                         lambda d: (_t(7, 40, device=d), torch.randint(-7, 7, (7, 7), device=d))),
     "empty": (lambda x: x * 2, lambda d: (_t(0, 5, device=d),)),
     "zero_length_rows": (lambda x: x.sum(-1), lambda d: (_t(5, 0, device=d),)),
 }

@@ -14,6 +14,9 @@ from . import ctypes_map as C
 from .exprs import EmitError
 
 
+TAKE_PREFIX = "ix"      # the variables holding a take's index: a position that depends on loaded data
+
+
 def index_value(b, node, idx: tuple) -> str:
     """C variable holding the index op `node` at idx (b: the ExprBuilder)."""
     op = indexing.normalize(node.target, node.args, node.kwargs, b.meta_of, node.meta)
@@ -34,7 +37,7 @@ def _take(b, node, take, idx: tuple) -> str:
     there. The source is read at a data-dependent position: no hoisted vector load may serve it."""
     irank = b.meta_of(take.index).rank
     raw = b.value(take.index, take.index_at(idx, irank))
-    picked = b.fresh("t")
+    picked = b.fresh(TAKE_PREFIX)
     b.emit("int64_t %s = (int64_t)%s;" % (picked, raw))
     if take.wrap:
         b.emit("if (%s < 0) %s += %dLL;" % (picked, picked, take.limit))

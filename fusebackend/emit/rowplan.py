@@ -39,7 +39,10 @@ class RowPlan:
         if not is_per_row(self.meta_of(ref).shape, self.domain, self.rdims):
             return False
         if at is not None:
-            used = {int(d) for d in re.findall(r"\bi(\d+)\b", " ".join(at))}
+            text = " ".join(at)
+            if re.search(r"\bix\d+\b", text):   # read where an index tensor points (a take): not per row
+                return False
+            used = {int(d) for d in re.findall(r"\bi(\d+)\b", text)}
             return not (used & set(self.rdims))
         return True
 

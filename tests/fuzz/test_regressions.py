@@ -1,5 +1,7 @@
 """Regression tests for the bugs the graph fuzzer found (tests/fuzz/test_fuzz_graphs.py): each is the shrunk
 case, written as a plain function, compared with eager by the fuzzer's own rules."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -264,3 +266,16 @@ def test_half_var_whose_sum_of_squares_overflows_float16():
     got, want = torch.compile(fn, backend="fuse")(x), fn(x)
     assert torch.isfinite(want).all() and want[0] > 30000
     torch.testing.assert_close(got, want, rtol=1e-3, atol=0)
+
+
+# 19. (fuzz seed 19): x[idx] reduced over a dim of idx (amin over dim 1 of a0[idx], idx of shape [7, 7]): the
+#     row kernel took the source value as constant along the row (its shape is a row's shape) and hoisted
+#     its load out of the loop that computes the index -- the generated C++ did not compile. A value read
+#     where an index tensor points is never per row.
+def test_take_reduced_over_a_dim_of_its_index():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 7, generator=g)
+    fn = lambda a: torch.amin(a[torch.remainder((a * 10).to(torch.int64), 7) - 7], 1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fusebackend")      # a fallback is a failure here
+        torch.testing.assert_close(torch.compile(fn, backend="fuse")(a), fn(a), rtol=0, atol=0)
