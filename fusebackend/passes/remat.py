@@ -66,13 +66,20 @@ def rematerialize(fg: FusionGraph, max_cone: int = MAX_CONE) -> FusionGraph:
     gen = _generated(fg)
     outputs = fg.output_names()
     order = {n.name: (n.index, 0) for n in fg.nodes()}
+    # values an ATen call or the graph's output needs, with their cones, stay written: copying a cone that
+    # shares them saves no kernel, and the copies could split the kernel that writes them (HF Llama's
+    # position ids, read by `index` and by the mask, on the GPU)
+    pinned = set()
+    for n in gen:
+        if n in outputs or any(u not in gen and fg.node(u).kind not in FUSABLE for u in fg.users(n)):
+            pinned.update(_cone(fg, n, gen))
     plans = []
     for f in sorted(gen, key=lambda n: fg.node(n).index):
         readers = sorted((u for u in fg.users(f) if u not in gen), key=lambda u: fg.node(u).index)
         if f in outputs or not readers or any(fg.node(u).kind not in FUSABLE for u in readers):
             continue
         cone = _cone(fg, f, gen)
-        if len(cone) <= max_cone:
+        if len(cone) <= max_cone and not pinned.intersection(cone):
             plans.append((f, readers, cone))
     shared = {}
     for _, _, cone in plans:
