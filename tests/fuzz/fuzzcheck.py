@@ -5,7 +5,7 @@ infinities exact), float64 within 1e-10, integers and bools exact, and half-type
 of eager's own error against a float64 reference. Two things the fuzzer needs on top: the half-type rule is made
 NaN/Inf-aware (an element may be non-finite only where eager or the float64 reference is non-finite the same
 way), and it also applies to float32 outputs that were computed through half-type arithmetic (a fused kernel
-keeps float intermediates where eager rounds to half after every op; see graphgen.Val.half_path).
+keeps float intermediates where eager rounds to half after every op; see fuzzcase.Val.half_path).
 A float32 output that went through a floating-point sum (sum, mean, var, softmax, norms: the kernel adds in
 another order than ATen) and misses rtol 1e-5 gets a second chance by the same rule with float32's eps: a sum
 that cancels (1e6 - 1e6 + 121) is only as exact as its terms allow, in eager as in any kernel.
