@@ -116,6 +116,8 @@ class _Fuser:
         """Members read only as the index of a take (the position ids of an embedding), directly or through
         pointwise ops and views that are themselves index-only."""
         out = set()
+        if not any(is_take(self.fg.node(n).target) for n in names):
+            return out
         for n in sorted(names, key=lambda n: -self.fg.node(n).index):
             if n in written or self.fg.node(n).kind not in ("pointwise", "view"):
                 continue

@@ -50,7 +50,7 @@ def step_reads(step) -> set:
         return {r.name for r in step.spec.inputs}
     if hasattr(step, "steps"):                         # a fallback group
         return set().union(*(step_reads(s) for s in step.steps)) if step.steps else set()
-    return ref_names([getattr(n, "args", ()) for n in getattr(step, "group_nodes", [])])
+    return ref_names([(n.args, n.kwargs) for n in getattr(step, "group_nodes", [])])
 
 
 def _last_uses(fg, steps) -> list:
