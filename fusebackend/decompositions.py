@@ -10,7 +10,7 @@ import functools
 import torch
 from torch._decomp import core_aten_decompositions, get_decompositions
 
-from . import decomp_gemv, decomp_pad_mm
+from . import decomp_gemv, decomp_outer, decomp_pad_mm
 
 aten = torch.ops.aten
 HALF = (torch.float16, torch.bfloat16)
@@ -105,10 +105,10 @@ def table(gemv_max_rows: int = 0, pad_matmul: bool = False) -> dict:
     d[aten.var_mean.correction] = var_mean_correction
     d[aten.native_layer_norm.default] = native_layer_norm
     d[aten._safe_softmax.default] = safe_softmax
-    mms = ([decomp_gemv.mm_decomposition(gemv_max_rows)] if gemv_max_rows > 0 else []) + \
+    mms = [decomp_outer.mm] + ([decomp_gemv.mm_decomposition(gemv_max_rows)] if gemv_max_rows > 0 else []) + \
         ([decomp_pad_mm.decomposition()] if pad_matmul else [])
-    if mms:
-        d[aten.mm.default] = _first_of(mms)
+    d[aten.mm.default] = _first_of(mms)
+    d[aten.bmm.default] = decomp_outer.bmm
     if pad_matmul:
         d[aten.view.default] = decomp_pad_mm.view_decomposition()
     if gemv_max_rows > 0:

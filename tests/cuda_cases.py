@@ -33,6 +33,14 @@ def _causal_layers(x, w):
     return torch.softmax(torch.softmax(x + mask, -1) @ w + mask, -1)
 
 
+def _packed_mask(c):
+    """HF's packed-sequence mask: two-tensor `index` takes of the sequence ids, causal (one kernel)."""
+    b = torch.arange(c.shape[0], device=c.device).view(-1, 1, 1, 1)
+    q = torch.arange(c.shape[1], device=c.device).view(1, 1, -1, 1)
+    kv = torch.arange(c.shape[1], device=c.device).view(1, 1, 1, -1)
+    return (c[b, q] == c[b, kv]) & (kv <= q)
+
+
 def _embed_ln(ids, word, pos, w, b):
     """Word + position embeddings and their layer norm: one row kernel reading both tables (takes)."""
     h = F.embedding(ids, word) + F.embedding(torch.arange(ids.shape[1], device=ids.device), pos)
@@ -120,6 +128,8 @@ CASES = {
                                        torch.randint(0, 40, (5,), device=d))),
     "take_reduced_mid": (lambda x, i: x[i].amin(1) + x[i].sum(-1, keepdim=True).squeeze(-1)[:, :1],
                          lambda d: (_t(7, 40, device=d), torch.randint(-7, 7, (7, 7), device=d))),
+    "packed_mask_index2": (lambda c, x: torch.where(_packed_mask(c), x, -1e4),
+                           lambda d: (torch.randint(0, 2, (4, 64), device=d).cumsum(-1), _t(4, 2, 64, 64, device=d))),
     "empty": (lambda x: x * 2, lambda d: (_t(0, 5, device=d),)),
     "zero_length_rows": (lambda x: x.sum(-1), lambda d: (_t(5, 0, device=d),)),
 }

@@ -53,7 +53,25 @@ CASES = {
     "index_negative": (lambda x, i: x[i] + 1, lambda g: (torch.randn(6, 5, generator=g), torch.tensor([[-1, 0], [2, 5]]))),
     "embedding_bf16": (lambda i, w: F.embedding(i, w) * 3,
                        lambda g: (torch.randint(0, 40, (2, 7), generator=g), torch.randn(40, 24, generator=g).bfloat16())),
+    # several index tensors, broadcast together, negative ones wrapped; the dims left follow
+    "index_two_broadcast": (lambda s, i, j: s[i, j] * 2,
+                            lambda g: (torch.randn(5, 6, 7, generator=g), torch.randint(-5, 5, (3, 1), generator=g),
+                                       torch.randint(-6, 6, (4,), generator=g))),
+    "index_all_dims_int32": (lambda s, i, j: s[i, j].exp(),
+                             lambda g: (torch.randn(4, 9, generator=g), torch.randint(0, 4, (2, 3), generator=g).int(),
+                                        torch.randint(0, 9, (2, 3), generator=g))),
+    "packed_sequence_mask": (lambda c, x: torch.where(_packed_mask(c), x, float("-inf")),
+                             lambda g: (torch.randint(0, 2, (3, 16), generator=g).cumsum(-1),
+                                        torch.randn(3, 2, 16, 16, generator=g))),
 }
+
+
+def _packed_mask(c):
+    """HF's mask for packed sequences: causal, and query and key in the same sequence (c: sequence ids)."""
+    b = torch.arange(c.shape[0]).view(-1, 1, 1, 1)
+    q = torch.arange(c.shape[1]).view(1, 1, -1, 1)
+    kv = torch.arange(c.shape[1]).view(1, 1, 1, -1)
+    return (c[b, q] == c[b, kv]) & (kv <= q)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -78,6 +96,7 @@ def test_gather_from_a_softmax_is_not_read_at_another_row():
     (lambda x, i: torch.gather(x, 1, i) * 2, lambda: (torch.randn(4, 5), torch.tensor([[0], [1], [-1], [2]]))),
     (lambda x, i: torch.index_select(x, 0, i) * 2, lambda: (torch.randn(6, 5), torch.tensor([6]))),
     (lambda x, i: x[i] * 2, lambda: (torch.randn(6, 5), torch.tensor([-7]))),
+    (lambda x, i: x[i, i + 1] * 2, lambda: (torch.randn(6, 5), torch.tensor([1, 4]))),      # 4 + 1 >= 5
 ])
 def test_index_out_of_range_raises_like_eager(bad):
     fn, make = bad

@@ -33,21 +33,23 @@ def index_value(b, node, idx: tuple) -> str:
 
 
 def _take(b, node, take, idx: tuple) -> str:
-    """Load the index, check it against the source's size (FB_CHECK_INDEX: fb_core.h), read the source
+    """Load each index, check it against the source's size (FB_CHECK_INDEX: fb_core.h), read the source
     there. The source is read at a data-dependent position: no hoisted vector load may serve it."""
-    irank = b.meta_of(take.index).rank
-    raw = b.value(take.index, take.index_at(idx, irank))
-    picked = b.fresh(TAKE_PREFIX)
-    b.emit("int64_t %s = (int64_t)%s;" % (picked, raw))
-    if take.wrap:
-        b.emit("if (%s < 0) %s += %dLL;" % (picked, picked, take.limit))
-    b.emit("FB_CHECK_INDEX(%s, %dLL);" % (picked, take.limit))
+    picked = []
+    for ref, limit in zip(take.indices, take.limits):
+        raw = b.value(ref, take.index_at(idx, tuple(b.meta_of(ref).shape)))
+        var = b.fresh(TAKE_PREFIX)
+        b.emit("int64_t %s = (int64_t)%s;" % (var, raw))
+        if take.wrap:
+            b.emit("if (%s < 0) %s += %dLL;" % (var, var, limit))
+        b.emit("FB_CHECK_INDEX(%s, %dLL);" % (var, limit))
+        picked.append(var)
     b.takes = True
     vec = getattr(b, "vec", None)
     if vec is not None:
         b.vec = None
     try:
-        return b.value(take.src, take.src_at(idx, picked, irank))
+        return b.value(take.src, take.src_at(idx, tuple(picked)))
     finally:
         if vec is not None:
             b.vec = vec

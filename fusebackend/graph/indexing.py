@@ -4,9 +4,9 @@
   along the cat dim, for the i whose range holds the index. Inputs may be members of a kernel (computed
   there) or loads; sizes along the cat dim must be static so the ranges are compile-time constants.
 - `arange` (integer): the value at index i is start + i * step.
-- `embedding`, `index_select`, `gather`, `index` (one index tensor on dim 0): a take, the source read where
-  an integer index tensor points, checked against the source's (static) size along that dim: out of range is
-  an error, as in eager (the emitter's FB_CHECK_INDEX).
+- `embedding`, `index_select`, `gather`, `index` (integer index tensors on the leading dims, broadcast
+  together): a take, the source read where the index tensors point, each checked against the source's
+  (static) size along its dim: out of range is an error, as in eager (the emitter's FB_CHECK_INDEX).
 
 The vertical pass treats both as pointwise ops; the emitter (emit/exprs_index.py) writes their index code.
 """
@@ -44,30 +44,36 @@ class Arange:
 
 @dataclass(frozen=True)
 class Take:
-    """out[idx] = src[idx with src dim `dim` replaced by index[index_dims(idx)]]."""
+    """out[idx] = src[idx with src dims dim.. replaced by the indices read at index positions of idx]."""
     kind: str                 # embedding | index_select | gather | index
     src: Ref
-    index: Ref
-    dim: int                  # the src dim the index picks
-    limit: int                # src.shape[dim]
+    indices: tuple            # Refs, one per picked src dim (dim, dim + 1, ...); several only for `index`
+    dim: int                  # the first src dim picked
+    limits: tuple             # src.shape of each picked dim
     wrap: bool                # negative indices count from the end (x[idx]), else they are out of range
+    lead: int = 0             # index: output dims the broadcast index tensors span (they lead the output)
 
-    def index_at(self, idx: tuple, index_rank: int) -> tuple:
-        """The index tensor's position read for output position idx."""
+    @property
+    def index(self) -> Ref:
+        return self.indices[0]
+
+    def index_at(self, idx: tuple, index_shape: tuple) -> tuple:
+        """The position of an index tensor (of shape index_shape) read for output position idx."""
         if self.kind == "embedding":
             return idx[:-1]
         if self.kind == "index_select":
             return (idx[self.dim],)
         if self.kind == "gather":
             return idx
-        return idx[:index_rank]                       # index: the index's dims lead the output
+        off = self.lead - len(index_shape)             # index: broadcast, right-aligned over the lead dims
+        return tuple("0" if s == 1 else idx[off + d] for d, s in enumerate(index_shape))
 
-    def src_at(self, idx: tuple, picked: str, index_rank: int) -> tuple:
+    def src_at(self, idx: tuple, picked: tuple) -> tuple:
         if self.kind == "embedding":
-            return (picked, idx[-1])
+            return (picked[0], idx[-1])
         if self.kind == "index":
-            return (picked,) + tuple(idx[index_rank:])
-        return tuple(picked if d == self.dim else e for d, e in enumerate(idx))
+            return tuple(picked) + tuple(idx[self.lead:])
+        return tuple(picked[0] if d == self.dim else e for d, e in enumerate(idx))
 
 
 TAKES = ("embedding", "index_select", "gather", "index")
@@ -162,8 +168,8 @@ def normalize_take(name, args, kwargs, meta_of, out_meta) -> Optional[Take]:
         src, dim, index = args
     elif name == "gather" and len(args) >= 3:
         src, dim, index = args[:3]
-    elif name == "index" and len(args) == 2 and isinstance(args[1], (list, tuple)) and len(args[1]) == 1:
-        src, index, dim = args[0], args[1][0], 0
+    elif name == "index" and len(args) == 2 and isinstance(args[1], (list, tuple)) and len(args[1]) >= 1:
+        return _normalize_index(args[0], tuple(args[1]), meta_of, out_meta)
     else:
         return None
     if not isinstance(src, Ref) or not isinstance(index, Ref) or not isinstance(dim, int):
@@ -175,7 +181,29 @@ def normalize_take(name, args, kwargs, meta_of, out_meta) -> Optional[Take]:
     if (name == "embedding" and sm.rank != 2) or (name == "index_select" and im.rank != 1) or \
             (name == "gather" and im.rank != sm.rank) or not isinstance(sm.shape[dim], int):
         return None
-    return Take(name, src, index, dim, sm.shape[dim], wrap=name == "index")
+    return Take(name, src, (index,), dim, (sm.shape[dim],), wrap=False)
+
+
+def _normalize_index(src, indices, meta_of, out_meta) -> Optional[Take]:
+    """x[i0, i1, ...]: integer index tensors on the leading dims (no None between them), broadcast together;
+    their broadcast shape leads the output, the src dims left follow."""
+    if not isinstance(src, Ref) or not all(isinstance(i, Ref) for i in indices):
+        return None
+    sm = meta_of(src)
+    ims = [meta_of(i) for i in indices]
+    if sm is None or len(indices) > sm.rank or any(m is None or m.dtype not in (torch.int64, torch.int32)
+                                                   for m in ims):
+        return None
+    k = len(indices)
+    lead = out_meta.rank - (sm.rank - k)
+    limits = tuple(sm.shape[:k])
+    if lead < 0 or not all(isinstance(v, int) for v in limits) or \
+            tuple(out_meta.shape[lead:]) != tuple(sm.shape[k:]):
+        return None
+    for m in ims:                                   # each index fits the lead shape, right-aligned
+        if m.rank > lead or any(s not in (1, out_meta.shape[lead - m.rank + d]) for d, s in enumerate(m.shape)):
+            return None
+    return Take("index", src, tuple(indices), 0, limits, wrap=True, lead=lead)
 
 
 def normalize(target, args, kwargs, meta_of, meta):

@@ -102,6 +102,7 @@ def lower(gm: fx.GraphModule) -> FusionGraph:
             args = _refs(n.args, alias)
             kwargs = _refs(dict(n.kwargs), alias)
             meta, multi = _meta_of(val)
+            kwargs = _drop_same_device(n, kwargs)
             kind = registry.classify(n.target, args, kwargs, fg.meta_of, meta) if meta is not None else "opaque"
             deps = sorted(set(_deps(args, []) + _deps(kwargs, [])))
             device = meta.device if meta else _first_device(fg, deps)
@@ -119,6 +120,18 @@ def lower(gm: fx.GraphModule) -> FusionGraph:
             raise NotImplementedError("FX node kind %r (%s) is not supported" % (n.op, n.format_node()))
     _unbacked_sources(fg)
     return fg
+
+
+def _drop_same_device(n: fx.Node, kwargs: dict) -> dict:
+    """A cast that names the device its input is already on (HF rotary: x.to(dtype, device=x.device)) is a
+    cast, not a transfer: the device argument goes."""
+    if "device" not in kwargs or getattr(n.target, "__name__", "").split(".")[0] != "_to_copy":
+        return kwargs
+    src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    val = src.meta.get("val") if src is not None else None
+    if not isinstance(val, torch.Tensor) or kwargs["device"] is None or torch.device(kwargs["device"]) != val.device:
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k != "device"}
 
 
 def _unbacked_sources(fg: FusionGraph) -> None:

@@ -105,10 +105,10 @@ class _Fuser:
             if rdims and s == drop and len(drop) != len(dom) and not is_per_row(s, dom, rdims):
                 return None
             if rdims and len(s) == len(dom) and node.kind != "view":
-                index = self._index_of(n)          # (a take reads its index at its own leading dims)
+                indices = self._indices_of(n)      # (a take reads its indices at its own leading dims)
                 for p in self.fg.producers(n):     # a dropped-dims value broadcast right-aligned is not per row
                     ps = self.fg.node(p).meta.shape if self.fg.node(p).meta else None
-                    if p in names and p != index and ps == drop and len(drop) != len(dom):
+                    if p in names and p not in indices and ps == drop and len(drop) != len(dom):
                         return None
         return dom, rdims
 
@@ -122,17 +122,17 @@ class _Fuser:
             if n in written or self.fg.node(n).kind not in ("pointwise", "view"):
                 continue
             users = [u for u in self.fg.users(n) if u in names]
-            if users and all(u in out or self._index_of(u) == n for u in users):
+            if users and all(u in out or n in self._indices_of(u) for u in users):
                 out.add(n)
         return out
 
-    def _index_of(self, name: str):
-        """The index tensor's node name when `name` is a take that reads its source elsewhere."""
+    def _indices_of(self, name: str) -> set:
+        """The index tensors' node names when `name` is a take (those that are not also its source)."""
         node = self.fg.node(name)
         if node.kind != "pointwise" or not is_take(node.target):
-            return None
+            return set()
         take = indexing.normalize(node.target, node.args, node.kwargs, self.fg.meta_of, node.meta)
-        return take.index.name if take is not None and take.src.name != take.index.name else None
+        return {i.name for i in take.indices} - {take.src.name} if take is not None else set()
 
     def moves_reduced_values(self, names) -> bool:
         """A view or take that may read a value computed from the group's reduction at another index than
