@@ -101,7 +101,8 @@ def main():
         cut = {k: v for k, v in (("batch", args.batch), ("seq", args.seq)) if hasattr(cfg, k)}
         entry.configs["plan"] = dataclasses.replace(cfg, **cut) if cut else cfg
         model, inputs = entry.make(size="plan", device="cpu", dtype=torch.bfloat16, seed=0)
-        plans = plan_model(model, inputs, opts)
+        with torch._dynamo.config.patch(**entry.dynamo_config):
+            plans = plan_model(model, inputs, opts)
         rows[name] = {k: sum(p[k] for p in plans) for k in ("kernels", "aten_calls", "views")}
         rows[name].update(graphs=len(plans), failed=[f for p in plans for f in p["failed"]])
         if args.groups:
