@@ -31,13 +31,13 @@ from fusebackend import decompositions  # noqa: E402
 from fusebackend.emit import EmitError, emit_kernel  # noqa: E402
 from fusebackend.graph import lower  # noqa: E402
 from fusebackend.options import FuseOptions  # noqa: E402
-from fusebackend.passes import batch_horizontal, fuse_vertical, rematerialize  # noqa: E402
+from fusebackend.passes import plan_groups  # noqa: E402
 
 
 def plan_graph(gm, opts: FuseOptions) -> dict:
     """fuse's grouping of one ATen graph, with launches counted as the runtime would make them."""
     fg = lower(gm)
-    groups, batches = batch_horizontal(fg, fuse_vertical(rematerialize(fg), max_nodes=opts.max_group_nodes))
+    groups, batches = plan_groups(fg, opts.max_group_nodes)
     source, failed = {}, []
     for g in groups:
         if g.is_kernel:

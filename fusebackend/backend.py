@@ -14,7 +14,7 @@ from .emit import EmitError, emit_kernel
 from .graph import lower
 from .graph.fusion_graph import FusionGraph
 from .options import FuseOptions
-from .passes import batch_horizontal, fuse_vertical, rematerialize
+from .passes import plan_groups
 from .runtime import build_program, compile_kernel
 
 
@@ -47,8 +47,7 @@ def compile_graph(opts: FuseOptions, kind: str, gm: torch.fx.GraphModule, exampl
         report_mod.record(rep, opts)
         warnings.warn("fusebackend: this graph's symbolic sizes are not supported; it runs as ATen calls")
         return _boxed(gm)
-    groups = fuse_vertical(rematerialize(fg), max_nodes=opts.max_group_nodes)
-    groups, batches = batch_horizontal(fg, groups)
+    groups, batches = plan_groups(fg, opts.max_group_nodes)
     kernels = _build_kernels(fg, groups, opts, rep)
     program = build_program(fg, groups, kernels, opts, batches)
     rep.groups, rep.batches, rep.program = groups, batches, program

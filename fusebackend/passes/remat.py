@@ -14,7 +14,7 @@ from .groups import FUSABLE
 MAX_CONE = 48       # nodes: a larger generated value is written once rather than copied into every reader
 
 
-def _generated(fg: FusionGraph) -> set:
+def generated(fg: FusionGraph) -> set:
     """Pointwise and view nodes whose every operand is itself generated (or a size symbol)."""
     gen = set()
     for node in fg.nodes():
@@ -63,7 +63,7 @@ def rematerialize(fg: FusionGraph, max_cone: int = MAX_CONE) -> FusionGraph:
     """Copy each generated value into every kernel that reads it (in place), where that saves a kernel: the
     value has several readers, or its cone shares nodes with another's (a bool mask turned into one float
     mask per layer: written together, they would be one kernel with an output per layer)."""
-    gen = _generated(fg)
+    gen = generated(fg)
     outputs = fg.output_names()
     order = {n.name: (n.index, 0) for n in fg.nodes()}
     # values an ATen call or the graph's output needs, with their cones, stay written: copying a cone that

@@ -47,15 +47,17 @@ class ShapeOps:
                         sums=True)
 
     def op_take(self):
-        """gather / index_select / x[idx] / embedding with an index computed in the graph (an integer value
-        brought into range by remainder; x[idx] also with negative indices)."""
+        """gather / index_select / x[idx] / x[i, j] / embedding with indices computed in the graph (an integer
+        value brought into range by remainder; x[idx] and x[i, j] also with negative indices)."""
         a = self.pick(lambda v: v.meta.dim() >= 1 and 0 not in v.shape)
         b = self.pick(lambda v: v.exact and v.meta.numel() > 0 and (v.dtype in INT or (
             v.dtype in FLOAT and not v.nonfinite and v.bound is not None and v.bound < 1e9)), prefer_recent=False)
         if a is None or b is None:
             return False
         rank = a.meta.dim()
-        kind = self.choice(("gather", "index_select", "index", "embedding"))
+        kind = self.choice(("gather", "index_select", "index", "embedding", "index2"))
+        if kind == "index2" and rank < 2:
+            return False
         d = self.d(st.integers(0, rank - 1)) if kind in ("gather", "index_select") else 0
         iv = b.name if b.dtype in INT else "%s.to(torch.int64)" % b.name
         idx = "torch.remainder(%s, %d)" % (iv, a.shape[d])
@@ -68,6 +70,12 @@ class ShapeOps:
             expr = "torch.index_select(%s, %d, %s.flatten())" % (a.name, d, idx)
         elif kind == "index":
             expr = "%s[%s%s]" % (a.name, idx, " - %d" % a.shape[0] if self.d(st.booleans()) else "")
+        elif kind == "index2":         # two index tensors, broadcast together (one may be a column)
+            idx2 = "torch.remainder(%s * 7 + 3, %d)" % (iv, a.shape[1])
+            if self.d(st.booleans()) and b.meta.dim() >= 1:
+                idx = "%s.flatten()[:, None]" % idx
+                idx2 = "%s.flatten()" % idx2
+            expr = "%s[%s, %s%s]" % (a.name, idx, idx2, " - %d" % a.shape[1] if self.d(st.booleans()) else "")
         else:
             if rank != 2 or a.dtype not in FLOAT:
                 return False

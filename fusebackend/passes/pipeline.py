@@ -1,0 +1,14 @@
+"""The passes in the order a compile runs them: FusionGraph -> (groups, horizontal batches)."""
+from __future__ import annotations
+
+from .cse import eliminate_common
+from .horizontal import batch_horizontal
+from .remat import rematerialize
+from .vertical import fuse_vertical
+
+
+def plan_groups(fg, max_nodes: int):
+    """Merge repeated computations, copy generated values into their readers, fuse producer->consumer
+    chains into groups, then batch independent kernels of one shape (fg is rewritten in place)."""
+    fg = rematerialize(eliminate_common(fg))
+    return batch_horizontal(fg, fuse_vertical(fg, max_nodes=max_nodes))
