@@ -6,6 +6,7 @@ from .batch import BatchKernelStep, batchable
 from .program import FallbackStep, Program
 from .steps import AtenStep, DynamicKernelStep, KernelStep, cpu_launcher
 from .symbols import SymbolEval
+from .views import ViewStep, view_chains
 
 
 def compile_kernel(spec, opts):
@@ -21,6 +22,8 @@ def compile_kernel(spec, opts):
 def build_program(fg, groups, kernels, opts, batches=()) -> Program:
     steps = []
     sym = SymbolEval(fg.symbols, fg.symbol_sources)
+    keep = fg.output_names() | {src[0] for src in fg.symbol_sources.values()}
+    absorbed, chains = view_chains(fg, groups, keep)
     for g in groups:
         nodes = [fg.node(n) for n in g.nodes]
         if g.id in kernels:
@@ -36,7 +39,11 @@ def build_program(fg, groups, kernels, opts, batches=()) -> Program:
         elif g.is_kernel:
             steps.append(FallbackStep(nodes, g.fallback_reason or "no kernel"))
         else:
-            steps.extend(AtenStep(n) for n in nodes)
+            for n in nodes:
+                if n.name in chains:
+                    steps.append(ViewStep(chains[n.name]))
+                elif n.name not in absorbed:
+                    steps.append(AtenStep(n))
     steps = _merge_batches(steps, batches)
     program = Program(fg, steps, fg.inputs)
     if opts.cudagraphs:

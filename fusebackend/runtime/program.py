@@ -42,7 +42,7 @@ class Program:
 
 def step_reads(step) -> set:
     """Names of the values a step reads from the environment."""
-    if isinstance(step, AtenStep):
+    if isinstance(step, AtenStep) or hasattr(step, "chain"):      # an ATen call, a view (chain)
         return step.reads
     if hasattr(step, "members"):                       # a horizontal batch
         return set().union(*(step_reads(m) for m in step.members))
