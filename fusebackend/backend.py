@@ -82,6 +82,8 @@ def _build_kernels(fg, groups, opts, rep) -> dict:
             specs[g.id] = emit_kernel(fg, g)
         except EmitError as e:
             _fail(g, "emit: %s" % e, opts, rep)
+        except Exception as e:         # an emitter bug: that group runs as ATen, the reason says so
+            _fail(g, "emit (internal error, please report): %s: %s" % (type(e).__name__, e), opts, rep)
     rep.specs = specs
     unique = {}
     for spec in specs.values():

@@ -117,6 +117,23 @@ def test_graph_we_cannot_lower_runs_as_aten_with_one_warning(monkeypatch):
     assert len(_fuse_warnings(caught)) == 1, [str(w.message) for w in caught]
 
 
+
+def test_emitter_bug_runs_that_group_as_aten_with_one_warning(monkeypatch):
+    """An exception other than EmitError inside an emitter (a bug) is a fallback, not a crash."""
+    from fusebackend import backend
+
+    def broken(fg, group):
+        raise KeyError("emitter bug")
+    monkeypatch.setattr(backend, "emit_kernel", broken)
+    f = lambda x: torch.exp(x) * 2
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_matches(f, torch.compile(f, backend="fuse"), (torch.randn(5, 7),))
+    msgs = _fuse_warnings(caught)
+    assert len(msgs) == 1 and "internal error" in msgs[0] and "KeyError" in msgs[0], msgs
+
+
 # ---------------------------------------------------------------- compile failures
 
 def test_compiler_that_fails_gives_one_warning_and_a_correct_result(fresh_cache, monkeypatch):

@@ -50,6 +50,7 @@ class RowPlan:
         return self.fg.node(name).args[0]
 
     def _deps(self, name):
+        """The tensor values a member reads (a view's symbolic sizes are not values)."""
         node = self.fg.node(name)
         out = []
         for a in node.args:
@@ -57,7 +58,7 @@ class RowPlan:
                 out.append(a)
             elif isinstance(a, (list, tuple)):
                 out.extend(x for x in a if isinstance(x, Ref))
-        return out
+        return [r for r in out if self.meta_of(r) is not None]
 
     def _level(self, red) -> int:
         best, stack, seen = -1, [self.red_input(red)], set()

@@ -46,7 +46,12 @@ def finish_io(fg: FusionGraph, groups: list) -> None:
         members = set(g.nodes)
         ins = []
         for n in g.nodes:
-            for ref in _arg_refs(fg.node(n).args) + _arg_refs(list(fg.node(n).kwargs.values())):
+            node = fg.node(n)
+            for ref in _arg_refs(node.args) + _arg_refs(list(node.kwargs.values())):
+                # a view's symbolic size (expand(x, [s0, 32])) is its output shape, which the kernel gets
+                # with its domain: not a value it reads
+                if node.kind == "view" and g.kind not in ("opaque", "view") and fg.node(ref.name).kind == "symbol":
+                    continue
                 if ref.name not in members and ref not in ins:
                     ins.append(ref)
         g.inputs = ins
