@@ -19,12 +19,29 @@ def resolver(value):
         parts = [resolver(v) for v in value]
         if all(getattr(p, "const", False) for p in parts):
             return _const(value)
+        if all(isinstance(v, Ref) and v.item is None or getattr(p, "const", False) for v, p in zip(value, parts)):
+            return _flat(value)
         kind = type(value)
         return lambda env: kind(p(env) for p in parts)
     if isinstance(value, dict):
         parts = {k: resolver(v) for k, v in value.items()}
         return lambda env: {k: p(env) for k, p in parts.items()}
     return _const(value)
+
+
+def _flat(value):
+    """A list/tuple of plain Refs and constants (most ATen calls' args): one template copy per call."""
+    template, slots, kind = list(value), [(i, v.name) for i, v in enumerate(value) if isinstance(v, Ref)], type(value)
+    if len(slots) == len(template):
+        names = [n for _, n in slots]
+        return lambda env: kind([env[n] for n in names])
+
+    def resolve(env):
+        out = template.copy()
+        for i, name in slots:
+            out[i] = env[name]
+        return kind(out)
+    return resolve
 
 
 def ref_names(value) -> set:
@@ -50,11 +67,14 @@ class AtenStep:
 
     def __init__(self, node):
         self.name, self.target = node.name, node.target
+        # an OpOverload's __call__ only forwards to its C++ callable: call that one directly
+        self.call = node.target._op if isinstance(node.target, torch._ops.OpOverload) else node.target
         self.args, self.kwargs = resolver(node.args), resolver(node.kwargs)
         self.reads = ref_names((node.args, node.kwargs))
 
     def __call__(self, env):
-        env[self.name] = self.target(*self.args(env), **self.kwargs(env))
+        env[self.name] = self.call(*self.args(env), **self.kwargs(env))
+
 
 
 class LayoutMismatch(RuntimeError):
