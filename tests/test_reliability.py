@@ -103,19 +103,24 @@ def test_tensor_constant_made_inside_the_model_is_read_by_a_kernel():
     assert_matches(f, torch.compile(f, backend="fuse"), (y,))
 
 
+def _compile_and_check_exp():
+    """exp(x) * 2 compiled fresh and checked against eager; the warnings it raised."""
+    f = lambda x: torch.exp(x) * 2
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_matches(f, torch.compile(f, backend="fuse"), (torch.randn(5, 7),))
+    return caught
+
+
 def test_graph_we_cannot_lower_runs_as_aten_with_one_warning(monkeypatch):
     from fusebackend import backend
 
     def refuse(gm):
         raise NotImplementedError("FX node kind 'call_module' is not supported")
     monkeypatch.setattr(backend, "lower", refuse)
-    f = lambda x: torch.exp(x) * 2
-    torch._dynamo.reset()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert_matches(f, torch.compile(f, backend="fuse"), (torch.randn(5, 7),))
+    caught = _compile_and_check_exp()
     assert len(_fuse_warnings(caught)) == 1, [str(w.message) for w in caught]
-
 
 
 def test_emitter_bug_runs_that_group_as_aten_with_one_warning(monkeypatch):
@@ -125,12 +130,7 @@ def test_emitter_bug_runs_that_group_as_aten_with_one_warning(monkeypatch):
     def broken(fg, group):
         raise KeyError("emitter bug")
     monkeypatch.setattr(backend, "emit_kernel", broken)
-    f = lambda x: torch.exp(x) * 2
-    torch._dynamo.reset()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert_matches(f, torch.compile(f, backend="fuse"), (torch.randn(5, 7),))
-    msgs = _fuse_warnings(caught)
+    msgs = _fuse_warnings(_compile_and_check_exp())
     assert len(msgs) == 1 and "internal error" in msgs[0] and "KeyError" in msgs[0], msgs
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from . import cpu_compiler
 from .batch import BatchKernelStep, batchable
-from .program import FallbackStep, Program
+from .program import FallbackStep, Program, kept_values
 from .steps import AtenStep, DynamicKernelStep, KernelStep, cpu_launcher
 from .symbols import SymbolEval
 from .views import ViewStep, view_chains
@@ -22,8 +22,7 @@ def compile_kernel(spec, opts):
 def build_program(fg, groups, kernels, opts, batches=()) -> Program:
     steps = []
     sym = SymbolEval(fg.symbols, fg.symbol_sources)
-    keep = fg.output_names() | {src[0] for src in fg.symbol_sources.values()}
-    absorbed, chains = view_chains(fg, groups, keep)
+    absorbed, chains = view_chains(fg, groups, kept_values(fg))
     for g in groups:
         nodes = [fg.node(n) for n in g.nodes]
         if g.id in kernels:

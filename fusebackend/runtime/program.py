@@ -53,12 +53,17 @@ def step_reads(step) -> set:
     return ref_names([(n.args, n.kwargs) for n in getattr(step, "group_nodes", [])])
 
 
+def kept_values(fg) -> set:
+    """Values that live until the call returns: the outputs, and values whose sizes give a data-dependent
+    symbol."""
+    return fg.output_names() | {src[0] for src in fg.symbol_sources.values()}
+
+
 def _last_uses(fg, steps) -> list:
     """Per step, the tensors no later step reads: dropped from the environment after it, so memory a value
     held returns to the allocator while the graph runs (eager's lifetime, not the whole call's). Outputs,
     and values whose sizes give a data-dependent symbol, are kept."""
-    keep = {o.name for o in fg.outputs if isinstance(o, Ref)}
-    keep |= {src[0] for src in fg.symbol_sources.values()}
+    keep = kept_values(fg)
     last = {}
     for i, step in enumerate(steps):
         for name in step_reads(step):

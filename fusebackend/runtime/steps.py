@@ -76,7 +76,6 @@ class AtenStep:
         env[self.name] = self.call(*self.args(env), **self.kwargs(env))
 
 
-
 class LayoutMismatch(RuntimeError):
     """A run-time tensor does not have the layout the kernel was specialised for."""
 
