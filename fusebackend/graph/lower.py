@@ -7,6 +7,7 @@ import torch
 import torch.fx as fx
 
 from . import registry, splits
+from .meta_rules import real_multi_meta
 from .fusion_graph import FusionGraph, OpNode, Ref, TensorMeta
 
 
@@ -102,6 +103,7 @@ def lower(gm: fx.GraphModule) -> FusionGraph:
             args = _refs(n.args, alias)
             kwargs = _refs(dict(n.kwargs), alias)
             meta, multi = _meta_of(val)
+            multi = real_multi_meta(n.target, args, multi, fg.meta_of)
             kwargs = _drop_same_device(n, kwargs)
             kind = registry.classify(n.target, args, kwargs, fg.meta_of, meta) if meta is not None else "opaque"
             deps = sorted(set(_deps(args, []) + _deps(kwargs, [])))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from . import cpu_compiler
 from .batch import BatchKernelStep, batchable
+from .meta_check import check_kernel_inputs
 from .program import FallbackStep, Program, kept_values
 from .steps import AtenStep, DynamicKernelStep, KernelStep, cpu_launcher
 from .symbols import SymbolEval
@@ -43,7 +44,7 @@ def build_program(fg, groups, kernels, opts, batches=()) -> Program:
                     steps.append(ViewStep(chains[n.name]))
                 elif n.name not in absorbed:
                     steps.append(AtenStep(n))
-    steps = _merge_batches(steps, batches)
+    steps = check_kernel_inputs(fg, _merge_batches(steps, batches))
     program = Program(fg, steps, fg.inputs)
     if opts.cudagraphs:
         from .cudagraph import CudaGraphProgram

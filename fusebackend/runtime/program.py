@@ -5,6 +5,7 @@ import operator
 import warnings
 
 from ..graph.fusion_graph import Ref
+from .meta_check import MetaMismatch, step_nodes
 from .steps import AtenStep, KernelStep, LayoutMismatch, ref_names, resolver
 
 
@@ -33,11 +34,21 @@ class Program:
             except LayoutMismatch as e:    # specialised layout did not hold: run that group as ATen
                 self.steps[i] = FallbackStep(step.group_nodes, "layout: %s" % e)
                 self.steps[i](env)
+            except MetaMismatch as e:      # a value no kernel can read: the rest of the program runs as ATen
+                self._tail_as_aten(i, e)
+                self.steps[i + 1](env)
+                break
             for name in frees[i]:
                 del env[name]
         if self.gather is not None:
             return list(self.gather(env))
         return [o(env) for o in self.outputs]
+
+
+    def _tail_as_aten(self, i, why):
+        nodes = [n for s in self.steps[i + 1:] for n in step_nodes(self.fg, s)]
+        self.steps[i + 1:] = [FallbackStep(nodes, "metadata: %s" % why)]
+        self.frees = _last_uses(self.fg, self.steps)
 
 
 def step_reads(step) -> set:
