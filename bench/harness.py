@@ -50,7 +50,7 @@ def load_fuse():
     """Import fusebackend from this checkout and make sure backend="fuse" resolves.
 
     Returns (module, None) or (None, error string). The entry point registers "fuse" when the package is
-    pip-installed; from a bare checkout we register fusebackend.backend.fuse under that name ourselves.
+    pip-installed; from a bare checkout we register fusebackend.capture.backend.fuse under that name ourselves.
     """
     if ROOT not in sys.path:
         sys.path.insert(1, ROOT)
@@ -59,7 +59,7 @@ def load_fuse():
         try:
             torch._dynamo.lookup_backend("fuse")
         except Exception:
-            from fusebackend.backend import fuse
+            from fusebackend.capture.backend import fuse
             torch._dynamo.register_backend(fuse, name="fuse")
         return fusebackend, None
     except Exception as e:

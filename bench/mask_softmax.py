@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 from timing import wall_ms  # noqa: E402
 import fusebackend  # noqa: E402
-from fusebackend import backend  # noqa: E402
+from fusebackend.capture import backend  # noqa: E402
 
 B, H, S = 8, 12, 512
 

@@ -49,7 +49,7 @@ def main():
     ap.add_argument("--cprofile", type=int, default=0)
     opts = ap.parse_args()
     import fusebackend
-    from fusebackend import backend
+    from fusebackend.capture import backend
     from fusebackend.runtime import cuda_compiler
     clock = Clock()
     clock.wrap(backend, "compile_graph", "compile_graph")

@@ -2,7 +2,7 @@
 
     python3 bench/zoo.py [--size bench|small] [--device cuda|cpu] [--dtype bfloat16|float32] [--only NAME] [--save]
 
-Fuse's count is launches per forward call (fusebackend.explain: fused kernels; horizontal batches count once)
+Fuse's count is launches per forward call (fusebackend.inspection.explain: fused kernels; horizontal batches count once)
 plus ATen calls; Inductor's is the number of kernels it generated for the same forward
 (torch._inductor.metrics.generated_kernel_count) plus the extern calls it leaves to ATen.
 """

@@ -10,7 +10,8 @@ from .options import FuseOptions, OptionError
 __version__ = "0.1.0"
 __all__ = ["fuse", "explain", "Report", "FuseOptions", "OptionError", "reset"]
 
-_LAZY = {"fuse": ("backend", "fuse"), "explain": ("explain", "explain"), "Report": ("explain", "Report"),
+_LAZY = {"fuse": ("capture.backend", "fuse"), "explain": ("inspection.explain", "explain"),
+         "Report": ("inspection.explain", "Report"),
          "reset": ("runtime", "reset")}
 
 

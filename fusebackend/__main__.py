@@ -1,6 +1,6 @@
 """python -m fusebackend dump TARGET ...  (the same as the `fusebackend` console script)."""
 import sys
 
-from .cli import main
+from .inspection.cli import main
 
 sys.exit(main())

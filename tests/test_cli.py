@@ -25,10 +25,12 @@ except ImportError:  # not pip-installed: the zoo lives at the repository root
     sys.path.insert(0, str(ROOT))
     import models
 
-from fusebackend import cli, fuse, progress
-from fusebackend.dump import graph_data, render_text
-from fusebackend.dump_dot import render_dot
-from fusebackend.dump_svg import render_svg
+from fusebackend import fuse
+from fusebackend.inspection import cli
+from fusebackend.runtime import progress
+from fusebackend.inspection.dump import graph_data, render_text
+from fusebackend.inspection.dump_dot import render_dot
+from fusebackend.inspection.dump_svg import render_svg
 
 SVG = "{http://www.w3.org/2000/svg}"
 KERNEL_KINDS = ("pointwise", "reduction")
@@ -214,8 +216,8 @@ def test_cross_device_edges_batches_and_placement(capsys):
     def f(x, w):
         return torch.relu(x @ w).sum(-1) * 2
     torch._dynamo.reset()
-    from fusebackend import report
-    with report.capture() as reps, torch.no_grad():
+    from fusebackend.capture import records as report
+    with report.collect() as reps, torch.no_grad():
         torch.compile(f, backend=fuse)(torch.randn(4, 8), torch.randn(8, 8))
     data = graph_data(reps[0], 0)
     kernel = next(g for g in data["groups"] if g["kind"] in KERNEL_KINDS)
@@ -270,7 +272,7 @@ def test_progress_only_on_a_terminal(monkeypatch):
 
 def test_dump_names_cuda_kernels_by_their_entry_point():
     # the CUDA signature puts __launch_bounds__ after `void`; every .cu file was called kernel___launch_bounds__
-    from fusebackend.dump import kernel_file_name, source_name
+    from fusebackend.inspection.dump import kernel_file_name, source_name
     src = 'extern "C" __global__ void __launch_bounds__(256) fb_cu_red_0d5e(const fb::KArgs<3, 4> A) {}'
     assert source_name(src) == "fb_cu_red_0d5e"
     assert kernel_file_name(source_name(src), src) == "kernel_fb_cu_red_0d5e.cu"

@@ -19,7 +19,7 @@ from cuda_cases import CASES, ROW_CASES  # noqa: E402
 import numerics  # noqa: E402
 
 import fusebackend  # noqa: E402
-from fusebackend import decompositions  # noqa: E402
+from fusebackend.capture import decompositions  # noqa: E402
 from fusebackend.emit import cuda_target as E  # noqa: E402
 from fusebackend.emit.cuda import emit_cuda  # noqa: E402
 from fusebackend.graph import lower  # noqa: E402

@@ -18,7 +18,7 @@ import numerics  # noqa: E402
 from test_cuda import CASES, INCLUDE, cuda_sources  # noqa: E402
 
 import fusebackend  # noqa: E402
-from fusebackend import decompositions  # noqa: E402
+from fusebackend.capture import decompositions  # noqa: E402
 from fusebackend.emit import cuda_target  # noqa: E402
 from fusebackend.emit.cuda import emit_cuda  # noqa: E402
 from fusebackend.graph import lower  # noqa: E402

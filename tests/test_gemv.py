@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import numerics
 import fusebackend
-from fusebackend import decomp_gemv
+from fusebackend.capture import decomp_gemv
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

@@ -126,7 +126,7 @@ def test_real_dtype_that_contradicts_the_fake_one_is_converted_before_a_kernel_r
 
 def test_real_sizes_that_contradict_the_fake_ones_run_the_rest_as_aten():
     """A value a kernel cannot read (other sizes than promised): the rest of the call runs as ATen ops."""
-    from fusebackend import report as report_mod
+    from fusebackend.capture import records as report_mod
     from fusebackend.runtime.meta_check import CheckedAtenStep
 
     def f(x, w):
@@ -134,7 +134,7 @@ def test_real_sizes_that_contradict_the_fake_ones_run_the_rest_as_aten():
 
     x, w = torch.randn(8, 16), torch.randn(16, 4)
     compiled = torch.compile(f, backend="fuse")
-    with report_mod.capture() as reps:
+    with report_mod.collect() as reps:
         compiled(x, w)
     program = reps[0].program
     checked = [s for s in program.steps if isinstance(s, CheckedAtenStep)]

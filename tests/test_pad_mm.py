@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import numerics
 import fusebackend
-from fusebackend import decomp_pad_mm
+from fusebackend.capture import decomp_pad_mm
 
 
 @pytest.fixture

@@ -114,7 +114,7 @@ def _compile_and_check_exp():
 
 
 def test_graph_we_cannot_lower_runs_as_aten_with_one_warning(monkeypatch):
-    from fusebackend import backend
+    from fusebackend.capture import backend
 
     def refuse(gm):
         raise NotImplementedError("FX node kind 'call_module' is not supported")
@@ -125,7 +125,7 @@ def test_graph_we_cannot_lower_runs_as_aten_with_one_warning(monkeypatch):
 
 def test_emitter_bug_runs_that_group_as_aten_with_one_warning(monkeypatch):
     """An exception other than EmitError inside an emitter (a bug) is a fallback, not a crash."""
-    from fusebackend import backend
+    from fusebackend.capture import backend
 
     def broken(fg, group):
         raise KeyError("emitter bug")

@@ -1,5 +1,5 @@
 """Emit layer: fusion groups -> kernel source text (C++/OpenMP for CPU tensors, CUDA C++ for GPU tensors)."""
-from .exprs import EmitError
+from .errors import EmitError
 from .kernel import KernelSource
 
 

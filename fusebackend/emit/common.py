@@ -8,7 +8,8 @@ from ..graph import registry
 from ..graph.fusion_graph import FusionGraph, Ref
 from ..graph.indexing import remaps_index
 from . import ctypes_map as C
-from .exprs import ExprBuilder, EmitError
+from .errors import EmitError
+from .exprs import ExprBuilder
 from .kernel import KernelSource
 
 RED_T = {"sum": "SumR", "mean": "SumR", "prod": "ProdR", "max": "MaxR", "min": "MinR", "any": "AnyR",

@@ -7,7 +7,8 @@ import re
 
 from .common import kernel_name, kernel_source, indent, preamble
 from .cuda_batch import batch_kernel, max_problems
-from .exprs import EmitError, ExprBuilder
+from .errors import EmitError
+from .exprs import ExprBuilder
 from .kernel import KernelSource
 
 HEADER = '#include "fb_cuda.h"\n'

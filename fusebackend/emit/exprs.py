@@ -13,14 +13,12 @@ import torch
 from ..graph import indexing, registry
 from ..graph.fusion_graph import FusionGraph, Ref
 from . import ctypes_map as C
+from .errors import EmitError
+from .exprs_index import index_value
 
 COMPARE = {"Eq", "Ne", "Lt", "Le", "Gt", "Ge", "IsNan", "IsInf", "LogicalNot", "LogicalAnd", "LogicalOr",
            "LogicalXor"}
 HALF = (torch.float16, torch.bfloat16)
-
-
-class EmitError(Exception):
-    """The group cannot be expressed as a kernel; the runtime runs it as ATen calls instead."""
 
 
 def project(idx: tuple, shape: tuple) -> tuple:
@@ -147,7 +145,6 @@ class ExprBuilder:
         if node.kind == "view":
             return self.view(node, idx)
         if indexing.is_index_op(node.target):
-            from .exprs_index import index_value      # (it imports this module)
             return index_value(self, node, idx)
         return self.pointwise(node, idx)
 

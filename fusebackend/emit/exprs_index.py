@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..graph import indexing
 from . import ctypes_map as C
-from .exprs import EmitError
+from .errors import EmitError
 
 
 TAKE_PREFIX = "ix"      # the variables holding a take's index: a position that depends on loaded data

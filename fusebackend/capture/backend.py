@@ -9,13 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch._dynamo.backends.common import aot_autograd
 
-from . import decompositions, progress, report as report_mod
-from .emit import EmitError, emit_kernel
-from .graph import lower
-from .graph.fusion_graph import FusionGraph
-from .options import FuseOptions
-from .passes import plan_groups
-from .runtime import build_program, compile_kernel
+from . import decompositions, records as report_mod
+from ..emit import EmitError, emit_kernel
+from ..graph import lower
+from ..graph.fusion_graph import FusionGraph
+from ..options import FuseOptions
+from ..passes import plan_groups
+from ..runtime import build_program, compile_kernel, progress
 
 
 def fuse(gm: torch.fx.GraphModule, example_inputs, options=None, **kwargs):
@@ -66,7 +66,7 @@ def _boxed_program(program):
 
 def _sizes_evaluable(fg) -> bool:
     """Every symbolic dim is plain arithmetic on symbols the graph receives as inputs."""
-    from .runtime.symbols import SymbolEval
+    from ..runtime.symbols import SymbolEval
     sym = SymbolEval(fg.symbols, fg.symbol_sources)
     metas = [n.meta for n in fg.nodes() if n.meta is not None]
     return all(sym.can_eval(d) for m in metas for d in tuple(m.shape) + tuple(m.stride))

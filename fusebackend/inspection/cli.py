@@ -91,7 +91,7 @@ def parse_value(text: str):
 
 
 def parse_options(items) -> dict:
-    from .options import FuseOptions, OptionError
+    from ..options import FuseOptions, OptionError
     opts = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -151,8 +151,8 @@ def _loss(out):
 def compile_and_run(model, inputs, options, train, dynamo_config):
     """Compile with backend='fuse', run once (and backward with train); returns the GraphReports."""
     import torch
-    from . import report as report_mod
-    from .backend import fuse
+    from ..capture import records as report_mod
+    from ..capture.backend import fuse
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=fuse, options=options) if options else torch.compile(model, backend=fuse)
     if isinstance(inputs, dict):
@@ -168,7 +168,7 @@ def compile_and_run(model, inputs, options, train, dynamo_config):
     # on a device thread for CUDA, where this thread's report capture cannot see it).
     eager_bw = (torch._functorch.config.patch(force_non_lazy_backward_lowering=True) if train
                 else contextlib.nullcontext())
-    with report_mod.capture() as reps, warnings.catch_warnings():
+    with report_mod.collect() as reps, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="fusebackend: ")     # fallbacks are listed in the dump
         with torch._dynamo.config.patch(**dynamo_config), eager_bw, grad:
             out = compiled(*args, **kwargs)

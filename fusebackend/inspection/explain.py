@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import report as report_mod
+from ..capture import records as report_mod
 
 
 @dataclass
@@ -36,10 +36,10 @@ class Report:
 
 def explain(fn, *args, options=None, **kwargs) -> Report:
     """Compile `fn` with backend="fuse" (Dynamo state is reset first), call it once on args, report."""
-    from .backend import fuse
+    from ..capture.backend import fuse
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend=fuse, options=options) if options else torch.compile(fn, backend=fuse)
-    with report_mod.capture() as reps:
+    with report_mod.collect() as reps:
         compiled(*args, **kwargs)
     rep = Report(graph_reports=list(reps), num_graphs=len(reps))
     for r in reps:

@@ -1,0 +1,2 @@
+"""Capture: the Dynamo entry point `fuse`, AOT autograd, the decomposition table; wires graph -> passes ->
+emit -> runtime. Imported lazily (it imports Dynamo): `fusebackend.fuse` resolves to capture.backend.fuse."""
