@@ -1,0 +1,367 @@
+"""The hybrid MoE executor: its pure scheduling/bookkeeping parts on the CPU; the whole layer on the CPU through a
+stand-in for the CUDA calls (same orchestration code, no streams); and on a real GPU (`pytest -m gpu`)."""
+import contextlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusebackend.runtime import cpu_worker as cw
+from fusebackend.runtime import hybrid_moe as hm
+
+
+# ---------------------------------------------------------------- helpers
+def make_experts(E, H, Fn, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: (torch.randn(*s, generator=g) * s[-1] ** -0.5).to(dtype)   # noqa: E731
+    return [(mk(Fn, H), mk(Fn, H), mk(H, Fn)) for _ in range(E)]
+
+
+def make_routing(T, E, k, seed=1, force=()):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g)
+    for t, e in enumerate(force):           # token t is routed to expert e first
+        logits[t, e] = 100.0
+    w, idx = logits.softmax(-1).topk(k, dim=-1)
+    return idx, w / w.sum(-1, keepdim=True)
+
+
+def eager_moe(x, idx, w, experts):
+    """The HF 5.x eager loop (MixtralExperts.forward), in x's dtype."""
+    out = torch.zeros_like(x)
+    for e, (g, u, d) in enumerate(experts):
+        tok, slot = torch.where(idx == e)
+        if tok.numel():
+            y = F.linear(F.silu(F.linear(x[tok], g)) * F.linear(x[tok], u), d)
+            out.index_add_(0, tok, (y * w[tok, slot, None].to(x.dtype)).to(out.dtype))
+    return out
+
+
+def assert_like_eager(out, x, idx, w, experts, factor=2.0):
+    eager = eager_moe(x, idx, w, experts)
+    assert out.shape == eager.shape and out.dtype == eager.dtype
+    if x.dtype == torch.float32:
+        scale = eager.abs().max().item()
+        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6 * max(1.0, scale))
+        return
+    to64 = lambda ws: [tuple(t.double().cpu() for t in e) for e in ws]          # noqa: E731
+    ref = eager_moe(x.double().cpu(), idx.cpu(), w.double().cpu(), to64(experts))
+    scale = ref.abs().max().item()
+    mine = (out.double().cpu() - ref).abs().max().item() / scale
+    theirs = (eager.double().cpu() - ref).abs().max().item() / scale
+    assert mine <= factor * max(theirs, torch.finfo(x.dtype).eps), (mine, theirs)
+
+
+class Forced:
+    """A fake scheduler: resident experts stay resident; the split expert is split; the others go where told."""
+
+    def __init__(self, default="cpu", cpu=(), streamed=(), split=None):
+        self.default, self.cpu, self.streamed, self.split, self.seen = default, set(cpu), set(streamed), split, []
+
+    def __call__(self, profile, experts, hidden, ffn, dtype, allow_split=True):
+        self.seen.append(list(experts))
+        d = SimpleNamespace(cpu=[], streamed=[], resident=[], split=None, predicted_s=1e-3, cpu_s=5e-4,
+                            link_s=6e-4, gpu_s=1e-4)
+        for e, _, res in experts:
+            if self.split and e == self.split[0] and not res:
+                d.split = self.split
+            else:
+                where = "resident" if res else "cpu" if e in self.cpu else "streamed" if e in self.streamed \
+                    else self.default
+                getattr(d, where).append(e)
+        return d
+
+
+class _Ev:
+    def record(self, stream=None): pass
+    def synchronize(self): pass
+    def query(self): return True
+    def elapsed_time(self, other): return 0.0
+
+
+class _Stream:
+    def wait_event(self, ev): pass
+    def wait_stream(self, s): pass
+
+
+class SimApi(cw.CudaApi):
+    """CudaApi's calls on the CPU: device buffers start as NaN, so a read of an unfilled slot shows."""
+    simulated = True
+
+    def __init__(self):
+        self.device, self.copies2d, self.pinned_tensors = torch.device("cpu"), 0, []
+
+    def current_stream(self): return _Stream()
+    def new_stream(self): return _Stream()
+    def stream(self, s): return contextlib.nullcontext()
+    def event(self, timing=False): return _Ev()
+    def empty(self, shape, dtype): return torch.full(shape, float("nan"), dtype=dtype)
+    def pinned(self, shape, dtype): return torch.empty(shape, dtype=dtype)
+    def pin(self, t): self.pinned_tensors.append(t); return t
+    def unpin(self, t): self.pinned_tensors.remove(t)
+    def record_stream(self, t, s): pass
+    def can_copy2d(self): return True
+
+    def copy2d(self, dst, src, stream):
+        assert src.stride(1) == 1 and src.stride(0) > src.shape[1] and dst.is_contiguous()
+        self.copies2d += 1
+        dst.copy_(src)
+
+
+def sim_layer(experts, **kw):
+    return hm.HybridMoELayer(experts, api=SimApi(), **kw)
+
+
+# ---------------------------------------------------------------- pure parts
+def test_routing_counts_ignore_padding_and_grouped_positions_match_where():
+    idx = torch.tensor([[0, 3], [3, 1], [-1, 3], [8, 0], [2, 1]])
+    assert hm.routing_counts(idx, 8) == [2, 2, 1, 3, 0, 0, 0, 0]
+    order = hm.grouped_positions(idx, 8)
+    off = [0]
+    for c in hm.routing_counts(idx, 8):
+        off.append(off[-1] + c)
+    flat = idx.reshape(-1)
+    for e in range(8):
+        assert order[off[e]:off[e + 1]].tolist() == torch.where(flat == e)[0].tolist()
+    assert sorted(order[off[8]:].tolist()) == [4, 6]            # padding sorts last, outside every expert
+
+
+def test_split_rows_round_to_64ths_and_reject_bad_fractions():
+    assert hm.split_rows(14336, 0.5) == 7168
+    assert hm.split_rows(14336, 1 / 64) == 224
+    assert hm.split_rows(14336, 0.3) == 19 * 224                  # rounded to the nearest 64th
+    assert hm.split_rows(14336, 0.0) == 0 and hm.split_rows(14336, 1.0) == 14336
+    assert hm.split_rows(100, 0.5) == 50
+    for bad in (-0.01, 1.5, float("nan")):
+        with pytest.raises(ValueError):
+            hm.split_rows(14336, bad)
+
+
+def test_popularity_decays_toward_the_routed_share():
+    s = [0.0] * 4
+    for _ in range(60):
+        s = hm.update_popularity(s, [6, 2, 0, 0], 0.9)
+    assert s[0] == pytest.approx(0.75, abs=1e-2) and s[1] == pytest.approx(0.25, abs=1e-2) and s[2] == 0.0
+    one = hm.update_popularity([0.5, 0.5, 0, 0], [0, 4, 0, 0], 0.75)
+    assert one == pytest.approx([0.375, 0.625, 0, 0])
+    assert hm.update_popularity([0.2, 0.8], [0, 0], 0.5) == [0.2, 0.8]         # an empty call changes nothing
+    with pytest.raises(ValueError):
+        hm.update_popularity([0.0], [1], 1.5)
+
+
+def test_propose_resident_fills_free_places_and_keeps_residents_within_the_margin():
+    score = [0.30, 0.25, 0.24, 0.21]
+    assert hm.propose_resident(score, [], 2) == [0, 1]
+    assert hm.propose_resident(score, [2, 3], 2, margin=0.05) == [0, 2]        # 0.30 > 0.21 + 0.05; 0.25 < 0.29
+    assert hm.propose_resident(score, [2, 3], 2, margin=0.10) == [2, 3]        # nobody beats by 0.10
+    assert hm.propose_resident(score, [2, 3], 2, margin=0.0) == [0, 1]
+    assert hm.propose_resident(score, [3], 2, margin=0.5) == [0, 3]            # free place: best outsider
+
+
+def test_plan_swaps_is_bounded_and_evicts_the_least_popular():
+    score = [0.4, 0.3, 0.2, 0.1, 0.0]
+    load, evict = hm.plan_swaps([2, 3, 4], [0, 1, 2], 3, 1, score)
+    assert load == [0] and evict == [4]                            # one swap; 4 is least popular of {3, 4}
+    load, evict = hm.plan_swaps([2], [0, 1, 2], 3, 5, score)
+    assert load == [0, 1] and evict == []                          # room: nothing evicted
+    load, evict = hm.plan_swaps([0, 1], [4, 3, 2, 1, 0], 2, 2, score)
+    assert load == [4, 3] and sorted(evict) == [0, 1]              # desired cut to capacity, loads in order
+    assert hm.plan_swaps([0, 1], [0, 1], 2, 3, score) == ([], [])
+
+
+def test_normalize_decision_checks_and_repairs():
+    experts = [(0, 3, True), (2, 1, False), (5, 7, False)]
+    ok = SimpleNamespace(cpu=[2], streamed=[0], resident=[], split=(5, 0.5))
+    assert hm.normalize_decision(ok, experts, 128) == hm.Plan([2], [], [0], (5, 64))
+    for bad in (SimpleNamespace(cpu=[2], streamed=[], resident=[0], split=None),              # 5 missing
+                SimpleNamespace(cpu=[2, 5], streamed=[5], resident=[0], split=None),          # 5 twice
+                SimpleNamespace(cpu=[2, 5, 7], streamed=[], resident=[0], split=None),        # 7 not routed
+                SimpleNamespace(cpu=[2], streamed=[], resident=[0, 5], split=None)):          # 5 not on GPU
+        with pytest.raises(ValueError):
+            hm.normalize_decision(bad, experts, 128)
+    edge = lambda f: hm.normalize_decision(SimpleNamespace(cpu=[2], streamed=[], resident=[0], split=(5, f)),
+                                           experts, 128)                                     # noqa: E731
+    assert edge(0.0) == hm.Plan([2], [5], [0], None) and edge(1.0) == hm.Plan([2, 5], [], [0], None)
+    with pytest.raises(ValueError, match="splitting is off"):
+        hm.normalize_decision(ok, experts, 128, allow_split=False)
+
+
+def test_staging_slots_lru_protect_and_ranges():
+    b = cw.StagingSlots(2)
+    assert b.victim() in (0, 1)
+    b.assign(0, "a", 0, 128)
+    b.assign(1, "b", 64, 128)
+    assert b.find("a", 32, 128) == 0 and b.find("b", 64, 128) == 1 and b.find("b", 0, 128) is None
+    assert b.victim() == 0                                          # a is older
+    b.touch(0)
+    assert b.victim() == 1 and b.victim(protect={1}) == 0 and b.victim(protect={0, 1}) is None
+
+
+def test_expert_ffn_is_additive_over_ffn_row_blocks():
+    (g, u, d), = make_experts(1, 16, 64, torch.float64)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    whole = cw.expert_ffn(x, g, u, d)
+    out = torch.empty(5, 16, dtype=torch.float64)
+    parts = cw.expert_ffn(x, g[:24], u[:24], d[:, :24], out=out) + cw.expert_ffn(x, g[24:], u[24:], d[:, 24:])
+    torch.testing.assert_close(parts, whole, rtol=1e-12, atol=1e-12)
+    gu = torch.cat([g, u])
+    assert cw.fused_gate_up(gu[:64], gu[64:]).data_ptr() == gu.data_ptr() and cw.fused_gate_up(g, u) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_without_cuda_the_layer_fails_naming_cuda():
+    with pytest.raises(RuntimeError, match="CUDA"):
+        hm.HybridMoELayer(make_experts(2, 8, 16, torch.float32), scheduler=Forced())
+
+
+# ---------------------------------------------------------------- the layer's orchestration, on the CPU
+MODES = {
+    "all_resident": (dict(resident=range(8)), Forced()),
+    "all_cpu": (dict(), Forced("cpu")),
+    "all_streamed": (dict(), Forced("streamed")),
+    "split": (dict(resident=[0, 1]), Forced("cpu", streamed={4}, split=(3, 0.375))),
+    "mixed": (dict(resident=[0, 5]), Forced("streamed", cpu={1, 2, 7})),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_sim_layer_matches_eager(mode, dtype):
+    kw, sched = MODES[mode]
+    experts = make_experts(8, 32, 96, dtype)
+    layer = sim_layer(experts, scheduler=sched, **kw)
+    x = torch.randn(24, 32).to(dtype)
+    idx, w = make_routing(24, 8, 2, force=[3, 4, 1, 2])
+    for _ in range(2):                                              # slots refilled on the second call
+        assert_like_eager(layer(x, idx, w), x, idx, w, experts)
+    if mode == "split":
+        assert layer.api.copies2d >= 1                              # the down-proj columns: one strided copy
+
+
+def test_sim_hf_3d_layout_views_and_trace():
+    E, H, Fn = 4, 16, 48
+    gate_up, down = torch.randn(E, 2 * Fn, H) * 0.2, torch.randn(E, H, Fn) * 0.2
+    sched = Forced("cpu", streamed={1}, split=(2, 0.5))
+    layer = hm.HybridMoELayer.from_3d(gate_up, down, api=SimApi(), scheduler=sched, resident=[0], trace=True,
+                                      trace_cap=3)
+    for g, u, d in layer.host:                                      # views of the user's storage, no copies
+        assert g.untyped_storage().data_ptr() == gate_up.untyped_storage().data_ptr()
+        assert d.untyped_storage().data_ptr() == down.untyped_storage().data_ptr()
+    experts = [(gate_up[e, :Fn], gate_up[e, Fn:], down[e]) for e in range(E)]
+    x = torch.randn(10, H)
+    idx, w = make_routing(10, E, 2, force=[0, 1, 2, 3])
+    for _ in range(5):
+        assert_like_eager(layer(x, idx, w), x, idx, w, experts)
+    tr = layer.collect_trace()
+    assert len(tr) == 3 and tr[-1]["call"] == 5 and tr[-1]["split"] == (2, 0.5)
+    # expert 1 still sits in a staging slot from the first call: reused as resident, not copied again
+    assert tr[-1]["resident"] == [0, 1] and tr[-1]["prefetched"] == [1] and tr[-1]["streamed"] == []
+    assert layer.pool.book.misses == 2 and layer.api.copies2d == 1
+    assert tr[-1]["predicted_s"] == 1e-3 and tr[-1]["total_s"] == 0.0 and tr[-1]["tokens"] == 10
+    assert sum(tr[-1]["counts"]) == 20 and tr[-1]["cpu_s"] > 0
+
+
+def test_sim_prefetch_is_seen_as_resident_and_not_copied_again():
+    experts = make_experts(6, 16, 32, torch.float32)
+    sched = Forced("streamed")
+    layer = sim_layer(experts, scheduler=sched, resident=[0])
+    x = torch.randn(12, 16)
+    idx, w = make_routing(12, 6, 2, force=[3, 4])
+    assert layer.prefetch([0, 3, 4, 5]) == [3, 4]                   # 0 is resident; two slots
+    misses = layer.pool.book.misses
+    assert_like_eager(layer(x, idx, w), x, idx, w, experts)
+    flags = {e: res for e, _, res in sched.seen[-1]}
+    assert flags[3] and flags[4] and flags[0]                       # staged experts count as resident
+    streamed_now = [e for e, _, res in sched.seen[-1] if not res]
+    assert layer.pool.book.misses - misses == len(streamed_now)     # only the others were copied
+
+
+def test_sim_with_the_cost_model_deciding_as_for_mixtral_experts():
+    """The real scheduler, asked as if the experts were Mixtral's (its splits and streams then happen), drives
+    the layer on small tensors; the default scheduler is the cost model's, which needs a profile."""
+    sched_mod = pytest.importorskip("fusebackend.passes.cost_schedule")
+    profile = pytest.importorskip("fusebackend.passes.hardware_profile").reference_h200()
+    seen = []
+
+    def mixtral(p, experts, hidden, ffn, dtype, allow_split=True):
+        seen.append(sched_mod.schedule_experts(p, experts, 4096, 14336, dtype, allow_split))
+        return seen[-1]
+    experts = make_experts(8, 32, 128, torch.bfloat16)
+    layer = sim_layer(experts, scheduler=mixtral, profile=profile, resident=[0, 1], trace=True)
+    for T, seed in ((1, 3), (4, 4), (16, 5), (64, 6)):
+        x = torch.randn(T, 32).to(torch.bfloat16)
+        idx, w = make_routing(T, 8, 2, seed=seed)
+        assert_like_eager(layer(x, idx, w), x, idx, w, experts)
+    assert any(d.split for d in seen) and any(d.streamed or d.cpu for d in seen)
+    assert [t["predicted_s"] for t in layer.collect_trace()] == [d.predicted_s for d in seen]
+    with pytest.raises(ValueError, match="profile"):
+        sim_layer(experts)
+    assert sim_layer(experts, profile=profile).scheduler is sched_mod.schedule_experts
+
+
+def test_sim_shared_pool_popularity_swaps_and_gpu_bytes():
+    experts = make_experts(6, 16, 32, torch.float32)
+    a = sim_layer(experts, scheduler=Forced("streamed"), resident=[4, 5], max_swaps=1, decay=0.5, margin=0.0)
+    b = sim_layer(experts, scheduler=Forced("cpu"), staging=a.pool, resident=[])
+    per = 3 * 16 * 32 * 4
+    assert a.gpu_bytes() == 2 * per + 2 * per and a.gpu_bytes(include_staging=False) == 2 * per
+    assert b.gpu_bytes(include_staging=False) == 0 and b.pool is a.pool
+    x = torch.randn(8, 16)
+    idx, w = make_routing(8, 6, 2, force=[0, 1, 0, 1, 0, 1, 0, 1])
+    for _ in range(3):
+        assert_like_eager(a(x, idx, w), x, idx, w, experts)
+        assert_like_eager(b(x, idx, w), x, idx, w, experts)
+    assert a.score[0] > a.score[4] and a.propose_resident()[:1] in ([0], [1])
+    load, evict = a.rebalance()
+    assert len(load) == 1 and len(evict) == 1 and evict[0] in (4, 5)  # one swap per call, bounded
+    assert len(a.gpu) == 2 and a.gpu_bytes(include_staging=False) == 2 * per and a.swaps == 1
+    assert_like_eager(a(x, idx, w), x, idx, w, experts)             # the new resident is used correctly
+    a.close()
+    assert a.api.pinned_tensors == []
+
+
+# ---------------------------------------------------------------- on the GPU
+def gpu_layer(experts, **kw):
+    return hm.HybridMoELayer(experts, device="cuda", **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_gpu_layer_matches_eager(mode, dtype, monkeypatch):
+    kw, sched = MODES[mode]
+    experts = make_experts(8, 256, 512, dtype)
+    layer = gpu_layer(experts, scheduler=sched, **kw)
+    dev = [tuple(t.cuda() for t in e) for e in experts]
+    x = torch.randn(40, 256, device="cuda").to(dtype)
+    idx, w = make_routing(40, 8, 2, force=[3, 4, 1, 2])
+    idx, w = idx.cuda(), w.cuda()
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("the layer synchronized the device"))
+    for _ in range(3):
+        assert_like_eager(layer(x, idx, w), x, idx, w, dev)
+    layer.close()
+
+
+@pytest.mark.gpu
+def test_gpu_memory_stays_within_resident_plus_staging_and_pins_in_place():
+    H, Fn, E, T = 1024, 2048, 8, 64
+    experts = make_experts(E, H, Fn, torch.bfloat16)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    layer = gpu_layer(experts, scheduler=Forced("streamed", cpu={6, 7}, split=(5, 0.5)), resident=[0, 1])
+    per = 3 * H * Fn * 2
+    assert torch.cuda.memory_allocated() - base == layer.gpu_bytes() == 4 * per      # 2 resident + 2 staging
+    for (g, _, _), (hg, _, _) in zip(experts, layer.host):
+        assert hg.data_ptr() == g.data_ptr() and hg.is_pinned()     # pinned in place, not copied
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    idx, w = make_routing(T, E, 2, force=[5, 6, 7, 2, 3])
+    idx, w = idx.cuda(), w.cuda()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(3):
+        layer(x, idx, w)
+    torch.cuda.synchronize()
+    activations = 64 * T * 2 * Fn * 4                               # generous: per-expert [T, 2F] temporaries
+    assert torch.cuda.max_memory_allocated() - base <= 4 * per + activations
+    layer.close()
+    assert not experts[0][0].is_pinned()                            # unregistered again
