@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from torch._dynamo.backends.common import aot_autograd  # noqa: E402
 from torch._guards import detect_fake_mode  # noqa: E402
 
-import fake_cuda  # noqa: E402
+from fusebackend.capture import fake_cuda  # noqa: E402
 from fusebackend.capture import decompositions  # noqa: E402
 from fusebackend.emit import EmitError, emit_kernel  # noqa: E402
 from fusebackend.graph import lower  # noqa: E402

@@ -225,7 +225,7 @@ def test_cross_device_edges_batches_and_placement(capsys):
     for n in kernel["nodes"]:
         next(x for x in data["nodes"] if x["name"] == n)["device"] = "cuda"
     data["batches"] = [{"id": 0, "device": "cuda", "groups": [kernel["id"]], "describe": "b0 cuda: test batch"}]
-    data["placements"] = [{"describe": "expert 0 -> cuda (predicted 1.0 ms vs 3.0 ms on cpu)"}]
+    data["placement_table"] = ["placement: budget 1.0 GiB", "  layer0.expert0  expert  cuda  resident"]
     root = ET.fromstring(render_svg(data))
     cross = [p for p in root.iter(SVG + "path") if "cross-device" in (p.get("class") or "")]
     assert cross and all(p.get("stroke-dasharray") for p in cross)
@@ -233,7 +233,7 @@ def test_cross_device_edges_batches_and_placement(capsys):
     assert "style=dashed" in render_dot(data)
     text = render_text(data)
     assert "horizontal batches (1):" in text and "b0 cuda: test batch" in text
-    assert "placement decisions (1):" in text and "expert 0 -> cuda" in text
+    assert "placement: budget 1.0 GiB" in text and "layer0.expert0  expert  cuda  resident" in text
 
 
 def test_dump_dir_env_writes_every_compile(tmp_path, monkeypatch):

@@ -125,11 +125,11 @@ def test_graph_we_cannot_lower_runs_as_aten_with_one_warning(monkeypatch):
 
 def test_emitter_bug_runs_that_group_as_aten_with_one_warning(monkeypatch):
     """An exception other than EmitError inside an emitter (a bug) is a fallback, not a crash."""
-    from fusebackend.capture import backend
+    from fusebackend.capture import kernels
 
     def broken(fg, group):
         raise KeyError("emitter bug")
-    monkeypatch.setattr(backend, "emit_kernel", broken)
+    monkeypatch.setattr(kernels, "emit_kernel", broken)
     msgs = _fuse_warnings(_compile_and_check_exp())
     assert len(msgs) == 1 and "internal error" in msgs[0] and "KeyError" in msgs[0], msgs
 

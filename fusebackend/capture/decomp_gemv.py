@@ -5,7 +5,8 @@ needs (bench/results: about 1.4 to 2.3 TB/s on an H100, where a copy reaches 3.0
 memory before the activation that follows reads it back. Spelled as sum_k a[m, k] * w[n, k] -- products and
 sums in float32, one rounding at the end, as cuBLAS does for half types -- the product becomes a row
 reduction over K: the vertical pass fuses the casts into it and the pointwise epilogue after it
-(silu(x @ Wg) * (x @ Wu) is one kernel that reads x once and both weights once).
+(silu(x @ Wg) * (x @ Wu) is one kernel that reads x once and both weights once). The H100 figures were
+measured in 2026-11; re-check them on the H200.
 
 Only where it pays: half-type operands on a GPU, M a static size of at most `max_rows` (FuseOptions.
 gemv_max_rows; each row of the reduction re-reads its weight row, so only M = 1 is a sure win), and the weight

@@ -72,6 +72,16 @@ def sdpa_sm90(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
                                                         scale=scale)[0]
 
 
+def aten_setitem(t, idx, value):
+    """t[idx] = value through aten for an index tensor (the Python binding takes a real CUDA device guard,
+    as getitem does: transformers' grouped_mm writes its inverse permutation so)."""
+    if isinstance(idx, torch.Tensor) and idx.dtype != torch.bool:
+        value = value if isinstance(value, torch.Tensor) else torch.tensor(value, device=t.device)
+        aten.index_put_(t, [idx], value)
+    else:
+        operator.setitem(t, idx, value)
+
+
 def _stay(t):
     return t
 
@@ -86,13 +96,18 @@ def _cuda(x):
     return x
 
 
-def retarget(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """gm (a Dynamo graph traced on the CPU), rewritten in place to run on fake CUDA tensors."""
+def retarget(gm: torch.fx.GraphModule, emulate_cuda_build: bool = True) -> torch.fx.GraphModule:
+    """gm (a Dynamo graph traced on the CPU), rewritten in place to run on fake CUDA tensors. On a CUDA
+    build of torch (emulate_cuda_build=False) only the devices change: indexing and SDPA need no stand-ins."""
     for n in gm.graph.nodes:
         n.args, n.kwargs = _cuda(n.args), {k: _cuda(v) for k, v in n.kwargs.items()}
+        if not emulate_cuda_build:
+            continue
         if n.op == "call_function" and n.target is operator.getitem and \
                 isinstance(n.args[0], torch.fx.Node) and isinstance(n.args[0].meta.get("example_value"), torch.Tensor):
             n.target = aten_getitem
+        elif n.op == "call_function" and n.target is operator.setitem:
+            n.target = aten_setitem
         elif n.op == "call_function" and n.target in (F.scaled_dot_product_attention,
                                                        torch._C._nn.scaled_dot_product_attention):
             n.target = sdpa_sm90
@@ -104,8 +119,19 @@ def retarget(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
-def fake_inputs(fake_mode, example_inputs) -> list:
-    """Fake CUDA tensors with the example inputs' sizes, strides and dtypes (others passed through)."""
+def fake_inputs(fake_mode, example_inputs, gm=None) -> list:
+    """Fake CUDA tensors with the example inputs' sizes, strides and dtypes (others passed through). With
+    the Dynamo graph `gm`, sizes come from its placeholders' fake values, so a dynamic dim stays symbolic
+    (the real example inputs only hold this call's sizes: a graph traced from them would be specialised to
+    them while Dynamo's guards admit every size)."""
+    values = list(example_inputs)
+    if gm is not None:
+        holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        if len(holders) == len(values):
+            values = [n.meta.get("example_value", x) if isinstance(x, torch.Tensor) else x
+                      for n, x in zip(holders, values)]
+            values = [v if isinstance(v, torch.Tensor) == isinstance(x, torch.Tensor) else x
+                      for v, x in zip(values, example_inputs)]
     with fake_mode:
         return [torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="cuda")
-                if isinstance(x, torch.Tensor) else x for x in example_inputs]
+                if isinstance(x, torch.Tensor) else x for x in values]

@@ -23,6 +23,8 @@ class GraphReport:
     sources: list = field(default_factory=list)
     fallbacks: list = field(default_factory=list)
     program: Any = None
+    placement: Any = None         # passes.placement.PlacementPlan when compiled with gpu_memory_budget
+    patterns: Any = None          # passes.patterns.Patterns found in the graph (placement only)
 
     @property
     def num_kernels(self) -> int:

@@ -23,7 +23,8 @@ MAX_UNROLL = 16             # unrolled elements per thread when the row is cache
 REG_ROW_BYTES = 32          # ... and at most this many bytes of the narrowest operand per thread
 ROW_CACHE = "auto"          # "auto": registers when the row fits the two limits above, else shared memory;
                             # "smem": never registers (tuning)
-# Measured on one H100 (16384x4096 rows, ms), bench/tune_rows.py, 2026-11-27, one block per row (ROW_WAVES 0):
+# Measured on one H100 (16384x4096 rows, ms), bench/tune_rows.py, 2026-11-27 (re-check on the H200), one block
+# per row (ROW_WAVES 0):
 # 8 / 16 elements per thread: softmax f32 0.268 / 0.276, layer norm + gelu bf16 0.199 / 0.172,
 # RMS norm bf16 0.097 / 0.097 -- i.e. 32 bytes of input per thread, whatever the type. Earlier (persistent
 # grid): VEC_BYTES 32 instead of 16: softmax 0.292 vs 0.281, RMS norm 0.114 vs 0.102: 16-byte chunks.

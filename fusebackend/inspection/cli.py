@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default 0)")
     d.add_argument("--options", action="append", default=[], metavar="KEY=VALUE",
                    help="a backend option (repeatable), e.g. --options max_group_nodes=8")
+    d.add_argument("--hardware-profile", metavar="FILE",
+                   help="plan placement with this hardware profile (JSON); sets the hardware_profile option")
     d.add_argument("--train", action="store_true", help="run forward and backward: dump the backward graph too")
     d.add_argument("--source", action="store_true", help="print the generated kernel sources")
     d.add_argument("--svg", metavar="FILE", help="draw the graph as SVG (FILE_<i>_<kind>.svg if several graphs)")
@@ -94,6 +96,12 @@ def parse_options(items) -> dict:
     from ..options import FuseOptions, OptionError
     opts = {}
     for item in items:
+        if item.strip().startswith("{"):          # a JSON object of options: '{"gpu_memory_budget": "50%"}'
+            try:
+                opts.update(json.loads(item))
+            except ValueError as e:
+                raise UsageError("--options %r is not a JSON object: %s" % (item, e))
+            continue
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UsageError("--options %r: write KEY=VALUE, e.g. --options max_group_nodes=8" % item)
@@ -107,7 +115,7 @@ def parse_options(items) -> dict:
     return opts
 
 
-def parse_device(text):
+def parse_device(text, plan_only=False):
     import torch
     if text is None:
         return None
@@ -115,6 +123,8 @@ def parse_device(text):
         dev = torch.device(text)
     except (RuntimeError, ValueError):
         raise UsageError("--device %r is not a device: use cpu, cuda or cuda:N" % text)
+    if dev.type == "cuda" and plan_only:
+        return dev
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device %s: CUDA is not available here; use --device cpu" % text)
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -190,7 +200,16 @@ def cmd_dump(args) -> int:
     from .dump_dot import render_dot
     from .dump_svg import render_svg
     options = parse_options(args.options)
-    device, dtype = parse_device(args.device), parse_dtype(args.dtype)
+    if args.hardware_profile:
+        options["hardware_profile"] = args.hardware_profile
+        parse_options([json.dumps(options)])
+    # --device cuda with a budget on a machine without a GPU: plan placement on fake CUDA tensors
+    plan_only = options.get("gpu_memory_budget") is not None and not torch.cuda.is_available()
+    device, dtype = parse_device(args.device, plan_only), parse_dtype(args.dtype)
+    if plan_only and (device is None or device.type != "cuda"):
+        raise UsageError("gpu_memory_budget plans a CUDA placement: add --device cuda")
+    if plan_only:
+        device = None        # the model stays on the CPU; its graphs are planned on fake CUDA tensors
     for flag, path in (("--svg", args.svg), ("--dot", args.dot)):
         if path and os.path.dirname(path) and not os.path.isdir(os.path.dirname(path)):
             raise UsageError("%s %s: folder %s does not exist" % (flag, path, os.path.dirname(path)))
@@ -198,7 +217,12 @@ def cmd_dump(args) -> int:
         raise UsageError("--out %s is a file, not a folder" % args.out)
     model, inputs, dynamo_config = load_target(args.target, args.size, device, dtype, args.seed)
     try:
-        reports = compile_and_run(model, inputs, options, args.train, dynamo_config)
+        if plan_only:
+            from ..capture.placement import plan_only as planning
+            with planning():
+                reports = compile_and_run(model, inputs, options, args.train, dynamo_config)
+        else:
+            reports = compile_and_run(model, inputs, options, args.train, dynamo_config)
     except UsageError:
         raise
     except Exception as e:
@@ -215,6 +239,9 @@ def cmd_dump(args) -> int:
         dt = str(dtype or torch.float32).replace("torch.", "")
         print("fusebackend dump %s (size %s, %s, %s, %s): %d compiled graph(s)"
               % (args.target, args.size, dev, dt, "train" if args.train else "inference", len(datas)))
+        if plan_only:
+            print("(placement planned on fake CUDA tensors with profile %s: nothing was compiled)"
+                  % (options.get("hardware_profile") or "reference H200"))
         for d in datas:
             print()
             sys.stdout.write(render_text(d, sources=args.source))

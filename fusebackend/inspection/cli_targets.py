@@ -85,7 +85,9 @@ def _load_file_target(target, size, device, dtype, seed):
     model, inputs = result
     if not callable(model):
         raise UsageError("%s:%s() returned a model that is not callable (%s)" % (path, factory, type(model).__name__))
-    return _convert(model, inputs, None if "device" in kwargs else device, None if "dtype" in kwargs else dtype), {}
+    # a module-level DYNAMO_CONFIG dict: torch._dynamo.config settings the model compiles under
+    cfg = dict(getattr(module, "DYNAMO_CONFIG", None) or {})
+    return _convert(model, inputs, None if "device" in kwargs else device, None if "dtype" in kwargs else dtype), cfg
 
 
 def _convert(model, inputs, device, dtype):

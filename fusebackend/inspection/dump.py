@@ -103,13 +103,6 @@ def _plain(value):
     return str(value)
 
 
-def _report_items(rep, *names):
-    for n in names:
-        items = getattr(rep, n, None)
-        if items:
-            return list(items.values()) if isinstance(items, dict) else list(items)
-    return []
-
 
 def _output_name(o):
     if hasattr(o, "name") and hasattr(o, "item"):        # a Ref
@@ -121,7 +114,7 @@ def graph_data(rep, index: int = 0) -> dict:
     """Everything a dump shows about one GraphReport, as a JSON-able dict."""
     fg = rep.graph
     specs = _kernel_specs(rep)
-    batches = _report_items(rep, "batches")
+    batches = list(getattr(rep, "batches", None) or [])
     batch_of = {gid: getattr(b, "id", i) for i, b in enumerate(batches) for gid in getattr(b, "groups", ())}
     owner = {n: g.id for g in rep.groups for n in g.nodes}
 
@@ -180,10 +173,20 @@ def graph_data(rep, index: int = 0) -> dict:
     }
     if batches:
         data["batches"] = [_plain(b) for b in batches]
-    placements = _report_items(rep, "placements", "placement")
-    if placements:
-        data["placements"] = [_plain(p) for p in placements]
+    plan = getattr(rep, "placement", None)
+    if plan is not None:
+        from ..passes.placement import format_plan
+        data["placements"] = [_placement_row(s) for s in plan.subgraphs]
+        data["placement_table"] = format_plan(plan).splitlines()
+        if getattr(rep, "patterns", None) is not None:
+            data["patterns"] = rep.patterns.describe().splitlines()
     return data
+
+
+def _placement_row(s) -> dict:
+    return {"subgraph": s.name, "kind": s.kind, "bytes": s.bytes, "home": s.home, "device": s.device,
+            "mode": s.mode, "tokens": s.tokens, "predicted_ms": dict(s.predicted_ms),
+            "weights": list(s.weights), "nodes": sorted(s.nodes)}
 
 
 # ---------------------------------------------------------------------------------------------- files

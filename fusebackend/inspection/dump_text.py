@@ -79,10 +79,13 @@ def render_text(data: dict, sources: bool = False) -> str:
         out.append("")
         out.append("horizontal batches (%d):" % len(data["batches"]))
         out += ["  " + _item_text(b) for b in data["batches"]]
-    if data.get("placements"):
+    if data.get("patterns"):
         out.append("")
-        out.append("placement decisions (%d):" % len(data["placements"]))
-        out += ["  " + _item_text(p) for p in data["placements"]]
+        out.append("placement candidates found (%d):" % len(data["patterns"]))
+        out += ["  " + line for line in data["patterns"]]
+    if data.get("placement_table"):
+        out.append("")
+        out += data["placement_table"]
     out.append("")
     if data["fallbacks"]:
         out.append("fallbacks (%d):" % len(data["fallbacks"]))

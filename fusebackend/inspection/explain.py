@@ -18,6 +18,7 @@ class Report:
     fallbacks: list = field(default_factory=list)  # (op or group, reason)
     sources: list = field(default_factory=list)
     graph_reports: list = field(default_factory=list)
+    placements: list = field(default_factory=list)   # PlacementPlan of each placed graph (gpu_memory_budget)
 
     def __str__(self):
         lines = ["fusebackend report: %d graph(s), %d fused kernel(s), %d ATen call(s), %d view(s) per call"
@@ -28,6 +29,9 @@ class Report:
             for g in r.groups:
                 flag = "  [fallback: %s]" % g.fallback_reason.splitlines()[0] if g.fallback_reason else ""
                 lines.append("  " + g.describe(r.graph) + flag)
+            if getattr(r, "placement", None) is not None:
+                from ..passes.placement import format_plan
+                lines += ["  " + l for l in format_plan(r.placement).splitlines()]
         if self.fallbacks:
             lines.append("fallbacks:")
             lines += ["  %s: %s" % (op, reason.splitlines()[0]) for op, reason in self.fallbacks]
@@ -50,6 +54,8 @@ def explain(fn, *args, options=None, **kwargs) -> Report:
         rep.num_views += r.num_views
         rep.sources += r.sources
         rep.fallbacks += r.fallbacks
+        if getattr(r, "placement", None) is not None:
+            rep.placements.append(r.placement)
         for g in r.groups:
             rep.groups.append({"graph": r.kind, "id": g.id, "kind": g.kind, "device": g.device,
                                "domain": tuple(g.domain), "reduce_dims": tuple(g.reduce_dims),

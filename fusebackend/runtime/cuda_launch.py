@@ -11,11 +11,13 @@ from .steps import LayoutMismatch
 
 STATIC_SMEM = 512               # bytes of static shared memory a block-per-row kernel may use (fb_scratch)
 # Pointwise grid cap in full waves of resident blocks; 0: one chunk per thread, no cap. Measured on one H100
-# (pointwise_chain_f32_64M, floor 0.268 ms): 1 wave 0.327 ms, 4 waves 0.294 ms, uncapped 0.276 ms.
+# (2026-11; re-check on the H200) (pointwise_chain_f32_64M, floor 0.268 ms): 1 wave 0.327 ms, 4 waves
+# 0.294 ms, uncapped 0.276 ms.
 PW_WAVES = 0
-# Block-per-row grid cap in waves of resident blocks; 0: one block per row. Measured on one H100 (16384 rows of
-# 4096, ms, 1 wave / uncapped): softmax f32 0.278 / 0.276, layer norm + gelu bf16 0.180 / 0.172, RMS norm bf16
-# 0.0975 / 0.0965 (bench/tune_rows.py): the block scheduler balances the tail better than a row loop.
+# Block-per-row grid cap in waves of resident blocks; 0: one block per row. Measured on one H100 (2026-11;
+# re-check on the H200) (16384 rows of 4096, ms, 1 wave / uncapped): softmax f32 0.278 / 0.276, layer norm +
+# gelu bf16 0.180 / 0.172, RMS norm bf16 0.0975 / 0.0965 (bench/tune_rows.py): the block scheduler balances
+# the tail better than a row loop.
 ROW_WAVES = 0
 MAX_GRID = 2 ** 31 - 1
 

@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-import fake_cuda  # noqa: E402
+from fusebackend.capture import fake_cuda  # noqa: E402
 import models  # noqa: E402
 import plan_cuda  # noqa: E402
 from fusebackend.options import FuseOptions  # noqa: E402
