@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fusebackend.runtime.cpu_worker import PINS, CudaApi, StagingPool, expert_ffn  # noqa: E402
-from fusebackend.runtime.hybrid_moe import HybridMoELayer  # noqa: E402
+from fusebackend.runtime.hybrid_moe import CostCorrection, HybridMoELayer  # noqa: E402
 from timing import base_info, wall_ms  # noqa: E402
 
 FULL = dict(H=4096, F=14336, E=8, K=2, nh=32, kvh=8, hd=128)
@@ -162,8 +162,11 @@ class Strategy:
                 self.note = "profile: %s" % prof.name
             pool = None if name == "static_split" else StagingPool(api, s["H"], s["F"], torch.bfloat16, 2)
             sched = None if name == "fuse" else fixed("streamed" if name == "pinned" else "cpu")
+            # fuse: one cost correction for every layer (same CPU, same link), learnt from the calls' timings
+            corr = CostCorrection() if name == "fuse" else None
             self.layers = [HybridMoELayer(ctx.host[l], resident=sorted(r), profile=prof, scheduler=sched, api=api,
-                                          staging=pool, staging_slots=0, trace=name == "fuse")
+                                          staging=pool, staging_slots=0, trace=name == "fuse",
+                                          learn=name == "fuse", correction=corr)
                            for l, r in enumerate(self.res)]              # one pool of two experts for all layers
 
     def moe(self, l, x, idx, w):
@@ -265,9 +268,12 @@ def fuse_stats(st, n):
     """fuse's timed MoE calls: cost-model prediction vs the call's events (ms per layer-call), and its choices."""
     tr = [t for lay in st.layers for t in lay.collect_trace()[-n:]]
     m = lambda k, f=lambda v: 1e3 * v: statistics.mean(f(t[k]) for t in tr)          # noqa: E731
-    return dict(pred_ms=m("predicted_s"), moe_ms=m("total_s"), cpu_ms=m("cpu_s"), link_ms=m("link_s"),
-                n_cpu=m("cpu", len), n_streamed=m("streamed", len), prefetch_hits=m("prefetched", len),
-                split_share=m("split", lambda v: v is not None))
+    modes = [t.get("mode") for t in tr]
+    return dict(pred_ms=m("predicted_s", lambda v: 1e3 * (v or 0.0)), moe_ms=m("total_s"), cpu_ms=m("cpu_s"),
+                link_ms=m("link_s"), n_cpu=m("cpu", len), n_streamed=m("streamed", len),
+                prefetch_hits=m("prefetched", len), split_share=m("split", lambda v: v is not None),
+                modes={k: modes.count(k) for k in sorted(set(modes), key=str)},
+                correction=tr[-1].get("correction") if tr else None)
 
 
 def table(header, body):

@@ -93,6 +93,14 @@ def main():
                      "  warnings: %s" % row["warnings"] if row["warnings"] else ""), flush=True)
             del compiled
             torch.cuda.empty_cache()
+    # inputs already on the GPU with the weights in host memory: what does the user get?
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            y = torch.compile(model, backend="fuse", options={"gpu_memory_budget": fixed})(x.cuda())
+        print("cuda input: output on %s, err %.1e" % (y.device, ((y.float().cpu() - ref).norm() / ref.norm()).item()))
+    except Exception as e:          # report, not hide: this is what a user sees
+        print("cuda input: %s: %s" % (type(e).__name__, str(e).splitlines()[0][:200]))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)

@@ -365,3 +365,168 @@ def test_gpu_memory_stays_within_resident_plus_staging_and_pins_in_place():
     assert torch.cuda.max_memory_allocated() - base <= 4 * per + activations
     layer.close()
     assert not experts[0][0].is_pinned()                            # unregistered again
+
+
+# ---------------------------------------------------------------- cost correction, fast path, prefetch gating
+def test_fused_gate_up_refuses_adjacent_but_separate_storages():
+    """The setStorage error of bench/offload.py (cpu_nonres, accelerate): gate and up back to back in memory,
+    each its own storage (a caching allocator splits a freed block so), must not be fused into one view."""
+    np = pytest.importorskip("numpy")
+    arr = np.random.default_rng(0).standard_normal(2 * 8 * 4).astype(np.float32)
+    g, u = torch.from_numpy(arr[:32]).view(8, 4), torch.from_numpy(arr[32:]).view(8, 4)
+    assert u.data_ptr() == g.data_ptr() + g.numel() * 4 and g.untyped_storage().nbytes() == 128
+    assert cw.fused_gate_up(g, u) is None
+    d, x = torch.randn(4, 8), torch.randn(3, 4)
+    ref = F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+    torch.testing.assert_close(cw.expert_ffn(x, g, u, d), ref)
+
+
+def test_cost_correction_converges_is_bounded_and_ignores_noise():
+    c = hm.CostCorrection(alpha=0.3)
+    for _ in range(30):                          # predictions made with the raw model, machine 2x slower
+        assert c.observe("cpu", 2.0e-3, 1.0e-3, used=1.0)
+    assert c.factor["cpu"] == pytest.approx(2.0, rel=1e-3)
+    c2 = hm.CostCorrection(alpha=0.5)
+    for _ in range(40):                          # a prediction made with the current factor, machine 1.6x
+        f = c2.factor["link"]
+        c2.observe("link", 1.6 * 5e-3, f * 5e-3, used=f)
+    assert c2.factor["link"] == pytest.approx(1.6, rel=1e-2)
+    c3 = hm.CostCorrection(alpha=1.0, clip=3.0, hi=8.0)
+    c3.observe("gpu", 1.0, 1e-3)                 # one wild sample moves at most by the clip
+    assert c3.factor["gpu"] == pytest.approx(3.0)
+    for _ in range(10):
+        c3.observe("gpu", 1.0, 1e-3, used=c3.factor["gpu"])
+    assert c3.factor["gpu"] == 8.0               # bounded above
+    assert not c3.observe("cpu", 1.0, 1e-5)      # launch-sized predictions are not evidence
+    assert not c3.observe("cpu", float("nan"), 1e-2) and not c3.observe("cpu", 0.0, 1e-2)
+    assert c3.factor["cpu"] == 1.0 and c3.observations["cpu"] == 0
+    with pytest.raises(ValueError):
+        c3.observe("disk", 1.0, 1.0)
+
+
+def test_corrected_profile_slows_the_side_and_the_scheduler_moves_work_off_it():
+    from fusebackend.passes.cost_model import expert_cost
+    from fusebackend.passes.cost_schedule import schedule_experts
+    from fusebackend.passes.hardware_profile import reference_h200
+    p = reference_h200()
+    c = hm.CostCorrection()
+    assert c.apply(p) is p                       # nothing learnt: the profile itself
+    c.factor.update(cpu=2.0, link=1.0, gpu=1.0)
+    q = c.apply(p)
+    assert c.apply(p) is q                       # cached per quantized factors
+    base, slow = (expert_cost(x, 1, 4096, 14336, "bfloat16") for x in (p, q))
+    assert slow.cpu_s == pytest.approx(2 * base.cpu_s, rel=0.02) and slow.transfer_s == base.transfer_s
+    one = [(0, 3, True), (5, 1, False)]          # batch 1: one non-resident expert, split by rows
+    d0, d1 = (schedule_experts(x, one, 4096, 14336, "bfloat16") for x in (p, q))
+    assert d0.split and d1.split and d1.split[1] < d0.split[1]       # a slower CPU gets fewer rows
+    four = [(0, 2, True), (1, 2, False), (2, 2, False), (3, 1, False), (4, 1, False)]
+    d0, d1 = (schedule_experts(x, four, 4096, 14336, "bfloat16") for x in (p, q))
+    share = lambda d: len(d.cpu) + (d.split[1] if d.split else 0)     # noqa: E731
+    assert share(d1) < share(d0)
+
+
+class SlowWorker:
+    """Runs the CPU job, then reports it `factor` times slower: the real concurrent run's CPU."""
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+        wait, compute = fn(*args)
+        f = Future()
+        f.set_result((wait, compute * self.factor + 0.02))
+        return f
+
+
+def test_sim_layer_learns_a_slow_cpu_and_stops_choosing_it():
+    from fusebackend.passes.cost_schedule import schedule_experts
+    from fusebackend.passes.hardware_profile import reference_h200
+    seen = []
+
+    def mixtral(p, experts, hidden, ffn, dtype, allow_split=True):
+        seen.append((p, schedule_experts(p, experts, 4096, 14336, dtype, allow_split)))
+        return seen[-1][1]
+    experts = make_experts(8, 32, 128, torch.bfloat16)
+    corr = hm.CostCorrection()
+    layer = sim_layer(experts, scheduler=mixtral, profile=reference_h200(), resident=[0, 1], correction=corr,
+                      worker=SlowWorker(20.0))
+    x = torch.randn(1, 32).to(torch.bfloat16)
+    idx, w = make_routing(1, 8, 2, seed=3, force=[5])
+    for _ in range(12):
+        assert_like_eager(layer(x, idx, w), x, idx, w, experts)
+    assert corr.factor["cpu"] > 3.0 and corr.observations["cpu"] >= 3
+    first, last = seen[0], seen[-1]
+    assert first[0].name == "reference-h200" and "corrected" in last[0].name
+    rows = lambda d: len(d.cpu) + (d.split[1] if d.split else 0)         # noqa: E731
+    assert rows(last[1]) < rows(first[1])
+
+
+@pytest.mark.parametrize("tokens,want", [(1, "sorted"), (4, "sorted"), (16, "dense"), (64, "dense"),
+                                         (512, "sorted")])
+def test_fast_path_mode_against_the_cost_model(tokens, want):
+    from fusebackend.passes.cost_model import expert_terms
+    from fusebackend.passes.hardware_profile import reference_h200
+    terms = expert_terms(reference_h200(), 4096, 14336, "bfloat16")
+    zipf = [1.0 / (j + 1) for j in range(8)]
+    score = [z / sum(zipf) for z in zipf]
+    assert hm.fast_path_mode(tokens, 2, score, range(8), terms.gpu) == want
+
+
+def test_fast_path_mode_and_routed_probability_edges():
+    assert hm.routed_probability(0.0, 100, 2) == 0.0 and hm.routed_probability(0.6, 1, 2) == 1.0
+    assert hm.routed_probability(0.1, 1, 2) == pytest.approx(0.2)
+    assert hm.expected_routed([0.0] * 8, range(8), 1, 2) == pytest.approx(8 * 0.25)   # uniform when unseen
+    assert hm.fast_path_mode(1, 2, [0.0] * 8, range(8)) == "sorted"
+    assert hm.fast_path_mode(64, 2, [0.0] * 8, range(8)) == "dense"
+    assert hm.fast_path_mode(512, 2, [0.0] * 8, range(8)) == "sorted"   # no cost model: FLOP-bound guess
+    assert hm.fast_path_mode(64, 2, [0.0] * 8, []) == "sorted"
+
+
+class CountingApi(SimApi):
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+
+    def event(self, timing=False):
+        api = self
+
+        class Ev(_Ev):
+            def synchronize(self):          # the routing event (timing events are only read back, done)
+                api.syncs += not timing
+        return Ev()
+
+
+def test_sim_all_resident_fast_path_skips_the_scheduler_and_the_host_round_trip():
+    experts = make_experts(8, 32, 96, torch.bfloat16)
+    sched = Forced("streamed")
+    layer = hm.HybridMoELayer(experts, api=CountingApi(), scheduler=sched, resident=range(8), trace=True)
+    x = torch.randn(32, 32).to(torch.bfloat16)
+    idx, w = make_routing(32, 8, 2, seed=7)
+    for _ in range(2):                                               # dense: no routing copy, no wait
+        assert_like_eager(layer(x, idx, w), x, idx, w, experts)
+    assert layer.api.syncs == 0 and not layer._route and sched.seen == []
+    x1 = x[:1]
+    assert_like_eager(layer(x1, idx[:1], w[:1]), x1, idx[:1], w[:1], experts)   # batch 1: sorted, one wait
+    assert layer.api.syncs == 1 and sched.seen == []
+    assert [t["mode"] for t in layer.collect_trace()] == ["dense", "dense", "resident"]
+    # a layer with non-resident experts, in a call that routes only to resident ones: no scheduler either
+    part = sim_layer(experts, scheduler=sched, resident=[0, 1, 2])
+    idx2 = torch.tensor([[0, 1], [2, 0]])
+    w2 = torch.tensor([[0.6, 0.4], [0.5, 0.5]]).to(torch.bfloat16)
+    assert_like_eager(part(x[:2], idx2, w2), x[:2], idx2, w2, experts)
+    assert sched.seen == []
+    idx3 = torch.tensor([[0, 5], [2, 0]])
+    assert_like_eager(part(x[:2], idx3, w2), x[:2], idx3, w2, experts)
+    assert len(sched.seen) == 1
+
+
+def test_likely_offers_only_experts_worth_prefetching():
+    experts = make_experts(8, 16, 32, torch.float32)
+    layer = sim_layer(experts, scheduler=Forced("cpu"), resident=[0, 1])
+    zipf = [1.0 / (j + 1) for j in range(8)]
+    layer.score = [z / sum(zipf) for z in zipf]
+    layer._last_k = 2
+    assert layer.likely(1, tokens=1) == []                           # expert 2 is routed ~1 call in 4
+    assert layer.likely(1, tokens=4) == [2] and layer.likely(2, tokens=64) == [2, 3]
+    assert layer.likely(1, tokens=1, min_prob=0.0) == [2]            # the old behaviour on request
