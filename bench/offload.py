@@ -27,7 +27,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fusebackend.runtime.cpu_worker import PINS, CudaApi, StagingPool, expert_ffn  # noqa: E402
-from fusebackend.runtime.hybrid_moe import CostCorrection, HybridMoELayer  # noqa: E402
+from fusebackend.runtime.cost_correction import CostCorrection  # noqa: E402
+from fusebackend.runtime.hybrid_moe import HybridMoELayer  # noqa: E402
 from timing import base_info, wall_ms  # noqa: E402
 
 FULL = dict(H=4096, F=14336, E=8, K=2, nh=32, kvh=8, hd=128)

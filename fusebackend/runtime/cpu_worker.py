@@ -148,7 +148,7 @@ class CudaApi:
     def __init__(self, device=None):
         if not torch.cuda.is_available():
             raise RuntimeError("HybridMoELayer needs CUDA: torch.cuda.is_available() is False (torch %s); "
-                               "the pure scheduling helpers in fusebackend.runtime.hybrid_moe work without it"
+                               "the pure scheduling helpers in fusebackend.runtime.hybrid_plan work without it"
                                % torch.__version__)
         self.device = torch.device(device if device is not None else "cuda")
         if self.device.type != "cuda":

@@ -3,7 +3,8 @@
 Per call: one small device->host copy of the routing gives the token counts; the cost model's schedule_experts
 splits the non-resident experts between the CPU worker thread and the copy stream (one maybe by FFN rows); the
 GPU runs resident and streamed experts meanwhile; outputs are index_add'ed in float32 on the GPU and cast once
-(eager's k-term sum, rounded once). Pure parts are functions here, tested without CUDA; CUDA goes through CudaApi.
+(eager's k-term sum, rounded once). The pure scheduling and bookkeeping is in hybrid_plan.py (tested without
+CUDA), the online correction in cost_correction.py, the trace in hybrid_trace.py; CUDA goes through CudaApi.
 
 Positions are grouped by expert on the host from that copy (host_order) and sent back in one tiny copy; each
 expert's weighted output fills its rows of one buffer, summed per token by a single index_add. A layer whose
@@ -14,235 +15,20 @@ calls. Prefetch is offered only for experts likely enough to be routed (likely()
 """
 from __future__ import annotations
 
-import math
 import time
-from collections import namedtuple
 from itertools import accumulate
 
 import torch
 
+from .cost_correction import CostCorrection
 from .cpu_worker import (CudaApi, PinnedRows, StagingPool, StreamPipe, default_worker, expert_ffn, expert_layout,
                          run_cpu_job)
-
-GRANULE = 64                     # a split expert's CPU share is a multiple of 1/64 of its FFN rows
-
-
-def routing_counts(idx, num_experts) -> list:
-    """Tokens routed to each expert; ids outside [0, num_experts) (padding) count for none."""
-    flat = idx.reshape(-1).to(torch.int64)
-    return torch.bincount(flat[(flat >= 0) & (flat < num_experts)], minlength=num_experts).tolist()
+from .hybrid_plan import (Plan, fast_path_mode, host_order, normalize_decision, plan_swaps, propose_resident,
+                          routed_probability, routing_counts, update_popularity)
+from .hybrid_trace import CallTrace
 
 
-def grouped_positions(idx, num_experts):
-    """The device-side equivalent of host_order, for callers without the routing on the host. Flat positions
-    (token * k + slot) grouped by expert id, ascending within an expert (a stable sort), on idx's device:
-    with the host's counts, expert e's positions are one slice, no index list crosses the link."""
-    flat = idx.reshape(-1)
-    bad = (flat < 0) | (flat >= num_experts)
-    return torch.argsort(torch.where(bad, torch.full_like(flat, num_experts), flat), stable=True)
-
-
-def split_rows(ffn, fraction, granule=GRANULE) -> int:
-    """FFN rows of a split expert done on the CPU: the fraction rounded to a multiple of 1/granule."""
-    if not (isinstance(fraction, (int, float)) and math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
-        raise ValueError("split fraction must be in [0, 1], got %r" % (fraction,))
-    return round(fraction * granule) * ffn // granule
-
-
-def update_popularity(score, counts, decay) -> list:
-    """score = decay * score + (1 - decay) * share of this call's routed tokens; unchanged on an empty call."""
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError("popularity decay must be in [0, 1], got %r" % (decay,))
-    total = sum(counts)
-    return [decay * s + (1.0 - decay) * c / total for s, c in zip(score, counts)] if total else list(score)
-
-
-def propose_resident(score, current, capacity, margin=0.0) -> list:
-    """The resident set the score asks for, most popular first: free places go to the most popular outsiders;
-    a resident expert yields only to an outsider whose score beats it by more than `margin` (no thrashing)."""
-    rank = lambda e: (-score[e], e)          # noqa: E731
-    res = sorted(set(current), key=rank)[:capacity]
-    out = [e for e in sorted(range(len(score)), key=rank) if e not in res]
-    while out and len(res) < capacity:
-        res.append(out.pop(0))
-    while out and res:
-        weakest = max(res, key=rank)
-        if score[out[0]] <= score[weakest] + margin:
-            break
-        res[res.index(weakest)] = out.pop(0)
-    return sorted(res, key=rank)
-
-
-def plan_swaps(current, desired, capacity, max_swaps, score) -> tuple:
-    """(load, evict) moving `current` toward `desired` (priority order, cut to capacity): at most max_swaps
-    loads, and only the evictions they need room for, least popular first."""
-    desired = list(dict.fromkeys(desired))[:capacity]
-    load = [e for e in desired if e not in current][:max(0, max_swaps)]
-    spare = sorted((e for e in current if e not in desired), key=lambda e: (score[e], -e))
-    need = max(0, len(current) + len(load) - capacity)
-    return load, spare[:need]
-
-
-def host_order(flat, num_experts, k):
-    """On the host, from the routing's one device->host copy: (order, tok) as int64 -- the flat positions
-    (token * k + slot) grouped by expert id, stable (ascending within an expert), padding ids last; and each
-    position's token. One tiny host->device copy of both replaces a device argsort (several launches)."""
-    flat = flat.reshape(-1).to(torch.int64)
-    key = torch.where((flat < 0) | (flat >= num_experts), torch.full_like(flat, num_experts), flat)
-    order = torch.argsort(key, stable=True)
-    return order, torch.div(order, k, rounding_mode="floor")
-
-
-def routed_probability(share, tokens, k):
-    """Chance that an expert with `share` of the routed slots (the decayed popularity score) gets at least one
-    of `tokens` tokens, each picking k distinct experts: 1 - (1 - min(1, k * share)) ** tokens."""
-    p = min(1.0, max(0.0, k * share))
-    return 1.0 - (1.0 - p) ** max(0, tokens)
-
-
-def expected_routed(score, experts, tokens, k):
-    """Expected number of `experts` routed at least once in a call of `tokens` tokens (uniform shares while the
-    score has seen nothing)."""
-    experts = list(experts)
-    if not experts:
-        return 0.0
-    total = sum(score[e] for e in experts)
-    shares = [score[e] for e in experts] if total > 0 else [1.0 / len(score)] * len(experts)
-    return sum(routed_probability(s, tokens, k) for s in shares)
-
-
-def fast_path_mode(tokens, k, score, resident, gpu_time=None):
-    """How a call whose experts are all resident runs -- no scheduler, no CPU, no link -- (pure):
-      'dense'  every resident expert over all `tokens` rows, weighted by a [T, E] combine matrix built on the
-               GPU: no device->host copy, no synchronisation, a fixed ~5 launches per expert. Only when that
-               costs no more GPU time than the routed rows would: nearly every resident expert is expected to be
-               routed anyway (expected_routed >= n - 1: on average at most one
-               expert's weights read in vain) and the expert is still weight-bound at `tokens` rows
-               (gpu_time(tokens) <= 1.25 * gpu_time(rows per expert); without a cost model, tokens <= 128).
-      'sorted' otherwise (few tokens: at batch 1 only k of E experts run; prefill: FLOP-bound): the routing's
-               one small copy, positions grouped on the host, ~5 launches per routed expert.
-    gpu_time(tokens) -> seconds of one resident expert (the cost model's), or None."""
-    n = len(resident)
-    if n == 0 or tokens <= 0:
-        return "sorted"
-    if expected_routed(score, resident, tokens, k) < n - 1.0:
-        return "sorted"
-    per = max(1, -(-tokens * k // n))
-    if gpu_time is None:
-        return "dense" if tokens <= 128 else "sorted"
-    return "dense" if gpu_time(tokens) <= 1.25 * gpu_time(per) else "sorted"
-
-
-class CostCorrection:
-    """Online correction of the cost model from what the layer measures, per side:
-      cpu   the worker's compute wall time of a call vs the schedule's CPU side (contention included)
-      link  the copy stream's timing events of the call's own fills vs the schedule's link side
-      gpu   the compute stream's events around the resident experts vs the model's time for them
-    Each side keeps a factor f (measured / model), an EWMA in log space of the factor each observation implies:
-    log f <- (1 - alpha) log f + alpha log(f_used * measured / predicted), f_used the factor the prediction was
-    made with (link and GPU observations arrive a call or more late). Bounded: one observation's ratio is
-    clipped to [1/clip, clip], f to [lo, hi]; predictions under min_pred_s (launch-dominated) are ignored.
-    apply(profile) scales the profile's rates of each side by 1/f (CPU GEMV/GEMM rates and dispatch; h2d_bw; GPU
-    bandwidth, matmul rate and launch), so any scheduler that reads the profile -- and the DRAM-contention model
-    with it -- sees the measured machine. Factors are quantized (steps of 2**(1/32), ~2%) so the corrected
-    profiles, and the cost model's per-profile caches, stay few. Share one object between the layers of a model:
-    they run on the same CPU and link."""
-
-    SIDES = ("cpu", "link", "gpu")
-    MIN_PRED_S = {"cpu": 2e-4, "link": 2e-4, "gpu": 5e-5}
-
-    def __init__(self, alpha=0.3, lo=0.25, hi=8.0, clip=3.0, min_pred_s=None, step=1.0 / 32):
-        if not 0.0 < alpha <= 1.0 or not 0.0 < lo <= 1.0 <= hi or clip < 1.0:
-            raise ValueError("CostCorrection: need 0 < alpha <= 1, 0 < lo <= 1 <= hi, clip >= 1")
-        self.alpha, self.lo, self.hi, self.clip, self.step = alpha, lo, hi, clip, step
-        self.min_pred_s = dict(self.MIN_PRED_S, **(min_pred_s or {}))
-        self.factor = dict.fromkeys(self.SIDES, 1.0)
-        self.observations = dict.fromkeys(self.SIDES, 0)
-        self._profiles = {}
-
-    def observe(self, side, measured_s, predicted_s, used=None):
-        """One measurement of `side`; `used`: the factor the prediction was made with (default: the current
-        one). Returns whether it counted."""
-        if side not in self.factor:
-            raise ValueError("CostCorrection: side must be one of %s, got %r" % (self.SIDES, side))
-        ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (measured_s, predicted_s))
-        if not ok or measured_s <= 0 or predicted_s < self.min_pred_s[side]:
-            return False
-        r = min(self.clip, max(1.0 / self.clip, measured_s / predicted_s))
-        used = self.factor[side] if used is None else used
-        log_f = (1 - self.alpha) * math.log(self.factor[side]) + self.alpha * math.log(used * r)
-        self.factor[side] = min(self.hi, max(self.lo, math.exp(log_f)))
-        self.observations[side] += 1
-        return True
-
-    def quantized(self):
-        q = lambda f: 2.0 ** (round(math.log2(f) / self.step) * self.step)     # noqa: E731
-        return tuple(q(self.factor[s]) for s in self.SIDES)
-
-    def apply(self, profile):
-        """The profile with each side's rates divided by its (quantized) factor; the profile itself at 1."""
-        fc, fl, fg = key = self.quantized()
-        if key == (1.0, 1.0, 1.0) or profile is None:
-            return profile
-        got = self._profiles.get((id(profile), key))
-        if got is not None and got[0] is profile:
-            return got[1]
-        tab = lambda t, f: {d: v / f for d, v in t.items()}                      # noqa: E731
-        out = profile.replace(
-            name=profile.name + " (corrected cpu x%.2f link x%.2f gpu x%.2f)" % key,
-            cpu_gemv_bw=tab(profile.cpu_gemv_bw, fc), cpu_gemm_flops=tab(profile.cpu_gemm_flops, fc),
-            cpu_dispatch_s=profile.cpu_dispatch_s * fc, h2d_bw=profile.h2d_bw / fl,
-            gpu_mem_bw=profile.gpu_mem_bw / fg, gpu_matmul_flops=tab(profile.gpu_matmul_flops, fg),
-            gpu_launch_s=profile.gpu_launch_s * fg)
-        if len(self._profiles) >= 64:
-            self._profiles.clear()
-        self._profiles[id(profile), key] = (profile, out)
-        return out
-
-    def summary(self):
-        return {s: round(self.factor[s], 3) for s in self.SIDES} | {
-            "n_" + s: self.observations[s] for s in self.SIDES}
-
-
-# split: None or (expert, rows): FFN rows [0, rows) on the CPU, the rest streamed to the GPU
-Plan = namedtuple("Plan", "cpu streamed resident split")
-
-
-def normalize_decision(decision, experts, ffn, allow_split=True, granule=GRANULE) -> Plan:
-    """Check a cost-model decision against the routed experts [(id, tokens, resident)] and make it executable:
-    every routed expert placed exactly once, 'resident' only for experts on the GPU; a resident expert asked to
-    stream is computed in place, a split of 0 rows streams and one of all rows runs on the CPU."""
-    on_gpu = {int(e): bool(r) for e, _, r in experts}
-    cpu, streamed, resident = ([int(e) for e in getattr(decision, f)] for f in ("cpu", "streamed", "resident"))
-    split = getattr(decision, "split", None)
-    named = cpu + streamed + resident + ([int(split[0])] if split is not None else [])
-    dup = sorted({e for e in named if named.count(e) > 1})
-    missing, extra = sorted(set(on_gpu) - set(named)), sorted(set(named) - set(on_gpu))
-    if dup or missing or extra:
-        raise ValueError("cost-model decision must place each routed expert once: duplicated %s, missing %s, "
-                         "not routed %s" % (dup, missing, extra))
-    bad = [e for e in resident if not on_gpu[e]]
-    if bad:
-        raise ValueError("cost-model decision computes experts %s as resident, but they are not on the GPU" % bad)
-    resident += [e for e in streamed if on_gpu[e]]
-    streamed = [e for e in streamed if not on_gpu[e]]
-    sp = None
-    if split is not None:
-        e, rows = int(split[0]), split_rows(ffn, float(split[1]), granule)
-        if not allow_split:
-            raise ValueError("cost-model decision splits expert %d, but splitting is off for this layer" % e)
-        if on_gpu[e]:
-            resident.append(e)
-        elif rows == 0:
-            streamed.append(e)
-        elif rows == ffn:
-            cpu.append(e)
-        else:
-            sp = (e, rows)
-    return Plan(cpu, streamed, resident, sp)
-
-
-class HybridMoELayer:
+class HybridMoELayer(CallTrace):
     """One MoE layer's routed SwiGLU experts, some resident on the GPU, the rest homed in pinned host memory.
 
     experts: [(gate [F, H], up [F, H], down [H, F])] per expert (or `from_3d` for HF's gate_up_proj/down_proj).
@@ -564,54 +350,3 @@ class HybridMoELayer:
         self.calls += 1
         if self.rebalance_every and self.calls % self.rebalance_every == 0:
             self.rebalance()
-
-    def _record(self, dec, plan, counts, staged, ev0, main, stage_ev, measured, predicted=None):
-        """One trace entry. dec None: a call with nothing to decide (mode 'resident' or 'dense'); `predicted` is
-        then the cost model's GPU time of its experts."""
-        ev1 = self.api.event(True)
-        ev1.record(main)
-        pred = {k: getattr(dec, a, None) for k, a in (("predicted_s", "predicted_s"), ("pred_cpu_s", "cpu_s"),
-                                                      ("pred_link_s", "link_s"), ("pred_gpu_s", "gpu_s"))}
-        if dec is None:
-            pred.update(predicted_s=predicted, pred_cpu_s=0.0, pred_link_s=0.0, pred_gpu_s=predicted)
-        entry = {"call": self.calls, "counts": counts, "cpu": plan.cpu,
-                 "streamed": plan.streamed, "resident": plan.resident, "prefetched": sorted(staged),
-                 "split": None if plan.split is None else (plan.split[0], plan.split[1] / self.ffn),
-                 **pred, **measured, "link_s": None, "prefetch_link_s": None, "total_s": None,
-                 "correction": None if self.correction is None else self.correction.summary()}
-        self._pending.append((entry, ev0, ev1, stage_ev, self._prefetch_ev))
-        self._prefetch_ev = []
-        self.trace.append(entry)
-        del self.trace[:max(0, len(self.trace) - self.trace_cap)]
-
-    def _resolve(self, block):
-        """Fill in the GPU times of traced calls whose events completed (all of them when block): total_s from
-        the call's start to its output on the compute stream, link_s the copy stream's fills for it."""
-        keep, el = [], lambda a, b: a.elapsed_time(b) / 1e3     # noqa: E731
-        todo = []
-        for p in self._learn_pending:                        # measurements for the cost correction
-            side, a, b, predicted, used = p
-            evs = [b] if side == "gpu" else [e for _, e in b]
-            if not block and not all(ev.query() for ev in evs):
-                todo.append(p)
-                continue
-            for ev in evs:
-                ev.synchronize()
-            measured = el(a, b) if side == "gpu" else sum(el(x, y) for x, y in b)
-            self.correction.observe(side, measured, predicted, used)
-        self._learn_pending = todo
-        for p in self._pending:
-            entry, ev0, ev1, stage_ev, pre_ev = p
-            if not block and not (ev1.query() and all(b.query() for _, b in pre_ev)):
-                keep.append(p)
-                continue
-            for ev in [ev1] + [b for _, b in stage_ev + pre_ev]:
-                ev.synchronize()
-            entry.update(total_s=el(ev0, ev1), link_s=sum(el(a, b) for a, b in stage_ev),
-                         prefetch_link_s=sum(el(a, b) for a, b in pre_ev))
-        self._pending = keep
-
-    def collect_trace(self):
-        """The trace with every measured time filled in (waits for the traced calls' events)."""
-        self._resolve(block=True)
-        return self.trace
