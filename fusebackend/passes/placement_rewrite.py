@@ -20,37 +20,31 @@ def _on(meta, device):
     return dataclasses.replace(meta, device=device) if meta is not None else None
 
 
-def _retarget_value(v, device):
-    if isinstance(v, torch.device) and v.type != device:
-        return torch.device(device)
-    if isinstance(v, str) and v in ("cuda", "cpu", "cuda:0") and v.split(":")[0] != device:
-        return device
+def _map(v, leaf):
+    """v with every non-container value x replaced by leaf(x) (lists, tuples and dicts rebuilt)."""
     if isinstance(v, (list, tuple)):
-        return type(v)(_retarget_value(x, device) for x in v)
+        return type(v)(_map(x, leaf) for x in v)
     if isinstance(v, dict):
-        return {k: _retarget_value(x, device) for k, x in v.items()}
-    return v
+        return {k: _map(x, leaf) for k, x in v.items()}
+    return leaf(v)
+
+
+def _retarget_value(v, device):
+    def leaf(x):
+        if isinstance(x, torch.device) and x.type != device:
+            return torch.device(device)
+        if isinstance(x, str) and x in ("cuda", "cpu", "cuda:0") and x.split(":")[0] != device:
+            return device
+        return x
+    return _map(v, leaf)
 
 
 def _replace_refs(v, mapping):
-    if isinstance(v, Ref):
-        return mapping.get((v.name, v.item), v)
-    if isinstance(v, (list, tuple)):
-        return type(v)(_replace_refs(x, mapping) for x in v)
-    if isinstance(v, dict):
-        return {k: _replace_refs(x, mapping) for k, x in v.items()}
-    return v
+    return _map(v, lambda x: mapping.get((x.name, x.item), x) if isinstance(x, Ref) else x)
 
 
 def _refs(v, out):
-    if isinstance(v, Ref):
-        out.append(v)
-    elif isinstance(v, (list, tuple)):
-        for x in v:
-            _refs(x, out)
-    elif isinstance(v, dict):
-        for x in v.values():
-            _refs(x, out)
+    _map(v, lambda x: out.append(x) if isinstance(x, Ref) else None)
     return out
 
 
