@@ -98,7 +98,7 @@ def build(spec, batch=False):
     src = src.replace("extern __shared__ __align__(16) unsigned char fb_smem[];",
                       "unsigned char* fb_smem = emu_smem;")
     src = re.sub(r"\b__shared__\s", "static ", src)
-    nm = max(1, len(spec.domain) + sum(spec.operand_ranks))
+    nm = spec.num_meta
     if batch:
         call = "%s(*(const fb::BArgs<%d, %d>*)a->args)" % (spec.batch_name, spec.num_operands,
                                                            spec.launch["batch_max"])

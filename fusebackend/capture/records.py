@@ -39,7 +39,11 @@ class GraphReport:
         if not self.groups:              # the whole graph fell back: every op is an ATen call
             return sum(1 for n in self.graph.nodes() if n.kind not in ("placeholder", "symbol", "view"))
         fused = sum(len(g.nodes) for g in self.groups if g.is_kernel and g.fallback_reason)
-        return fused + sum(1 for g in self.groups if g.kind == "opaque")
+        return fused + sum(1 for g in self.groups if g.kind == "opaque" and not self._int_arithmetic(g))
+
+    def _int_arithmetic(self, group) -> bool:
+        """A group of symbolic-int arithmetic (s0 + s1, a size read as a value): Python ints, not ATen calls."""
+        return all(self.graph.node(n).sym_expr is not None and self.graph.node(n).meta is None for n in group.nodes)
 
     @property
     def num_views(self) -> int:

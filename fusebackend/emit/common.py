@@ -28,7 +28,8 @@ def kernel_name(prefix: str, body: str) -> str:
 
 
 def preamble(b: ExprBuilder, rank: int, target: str) -> list:
-    """Pointer casts, then domain sizes d*, then each operand's strides s<slot>_<dim>, read from M."""
+    """Pointer casts, then domain sizes d*, then each operand's strides s<slot>_<dim>, then the symbolic-int
+    arguments sym<k>, read from M."""
     restrict = TARGETS[target]["restrict"]
     lines = []
     for op in b.operands:
@@ -43,6 +44,10 @@ def preamble(b: ExprBuilder, rank: int, target: str) -> list:
         for d in range(op.meta.rank):
             lines.append("const int64_t %s = M[%d]; (void)%s;" % (op.stride(d), pos, op.stride(d)))
             pos += 1
+    for ref in b.scalars:
+        var = b.scalar_var[(ref.name, ref.item)]
+        lines.append("const int64_t %s = M[%d]; (void)%s;" % (var, pos, var))
+        pos += 1
     return lines
 
 
@@ -108,7 +113,7 @@ def kernel_source(group, b: ExprBuilder, name: str, target: str, kind: str, sour
     """The KernelSource of a finished kernel: operands in pointer order, with the layout the code assumes."""
     return KernelSource(
         name=name, target=target, kind=kind, source=source,
-        inputs=[op.key for op in b.operands if not op.is_output],
+        inputs=[op.key for op in b.operands if not op.is_output], scalars=list(b.scalars),
         outputs=[op.key for op in b.operands if op.is_output],
         domain=tuple(group.domain), reduce_dims=tuple(group.reduce_dims),
         operand_ranks=tuple(op.meta.rank for op in b.operands),

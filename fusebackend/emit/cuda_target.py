@@ -55,8 +55,8 @@ def cuda_preamble(b: ExprBuilder, rank: int) -> list:
 
 
 def num_meta(b: ExprBuilder, rank: int) -> int:
-    """Length of the meta array (domain sizes, then every operand's strides), at least 1."""
-    return max(1, rank + sum(op.meta.rank for op in b.operands))
+    """Length of the meta array (domain sizes, every operand's strides, the symbolic ints), at least 1."""
+    return max(1, rank + sum(op.meta.rank for op in b.operands) + len(b.scalars))
 
 
 def signature(name: str, b: ExprBuilder, rank: int, bound: int) -> str:

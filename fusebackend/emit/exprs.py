@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from ..graph import indexing, registry
-from ..graph.fusion_graph import FusionGraph, Ref
+from ..graph.fusion_graph import FusionGraph, Ref, TensorMeta
 from . import ctypes_map as C
 from .errors import EmitError
 from .exprs_index import index_value
@@ -52,8 +52,14 @@ class ExprBuilder:
         self.flat_index = flat_index          # a linear index variable when every access is contiguous
         self.operands: list[Operand] = []
         self.by_key: dict = {}
+        self.scalars: list = []                     # symbolic-int inputs (Refs), read as sym<k> after the strides
+        self.scalar_var: dict = {}
         for ref in group.inputs:
-            self._operand(ref, self.meta_of(ref), False)
+            if self.is_scalar(ref):
+                self.scalar_var[(ref.name, ref.item)] = "sym%d" % len(self.scalars)
+                self.scalars.append(ref)
+            else:
+                self._operand(ref, self.meta_of(ref), False)
         for name in group.outputs:
             self._operand(name, fg.node(name).meta, True)
         self.lines: list[str] = []
@@ -66,16 +72,27 @@ class ExprBuilder:
     # ---- operands
     def _operand(self, key, meta, is_output):
         if meta is None or meta.dtype not in C.SUPPORTED:
-            raise EmitError("value %s has no supported tensor type" % (key,))
+            what = "a non-tensor value" if meta is None else "dtype %s" % str(meta.dtype).replace("torch.", "")
+            raise EmitError("input %s is %s (not a tensor type or symbolic int a kernel takes)"
+                            % (getattr(key, "name", key), what))
         op = Operand(len(self.operands), key, meta, is_output)
         self.operands.append(op)
         self.by_key[key] = op
         return op
 
+    def is_scalar(self, ref) -> bool:
+        """A symbolic int from outside the group (a SymInt input, a size read as a value): a kernel argument."""
+        if not isinstance(ref, Ref) or ref.item is not None or ref.name in self.members:
+            return False
+        node = self.fg.node(ref.name)
+        return node.meta is None and node.multi_meta is None and node.sym_expr is not None
+
     def meta_of(self, ref):
         if isinstance(ref, str):
             return self.fg.node(ref).meta
         node = self.fg.node(ref.name)
+        if self.is_scalar(ref):           # read as a 0-dim int64 value
+            return TensorMeta((), torch.int64, (), node.device)
         return node.meta if ref.item is None else (node.multi_meta or (None,) * (ref.item + 1))[ref.item]
 
     def offset(self, op: Operand, idx: tuple) -> str:
@@ -111,6 +128,8 @@ class ExprBuilder:
         memo_key = (key, idx)
         if memo_key in self.memo:
             return self.memo[memo_key]
+        if key in self.scalar_var:
+            return self.scalar_var[key]
         if self.hook is not None:
             hooked = self.hook(key, idx)
             if hooked is not None:
@@ -200,11 +219,13 @@ class ExprBuilder:
     def operand_dtype(self, pw, out_dtype):
         if pw.template not in COMPARE:
             return out_dtype
-        dts = [self.meta_of(o).dtype for o in pw.operands if isinstance(o, Ref)]
+        tensors = [o for o in pw.operands if isinstance(o, Ref) and not self.is_scalar(o)]
+        dts = [self.meta_of(o).dtype for o in tensors] or [torch.int64 for o in pw.operands if isinstance(o, Ref)]
         dt = dts[0] if dts else torch.float32
         for d in dts[1:]:
             dt = torch.promote_types(dt, d)
-        scalars = [o for o in pw.operands if not isinstance(o, Ref)]
+        # a symbolic int compares as a Python int does: it does not widen the tensor's type
+        scalars = [0 if isinstance(o, Ref) else o for o in pw.operands if not isinstance(o, Ref) or self.is_scalar(o)]
         if any(isinstance(s, float) for s in scalars) and not dt.is_floating_point:
             dt = torch.float32
         elif any(isinstance(s, int) and not isinstance(s, bool) for s in scalars) and dt == torch.bool:

@@ -25,7 +25,8 @@ def index_value(b, node, idx: tuple) -> str:
     if isinstance(op, indexing.Arange):
         ct = C.compute(node.meta.dtype)
         var = b.fresh()
-        b.emit("const %s %s = (%s)(%dLL + (int64_t)(%s) * %dLL);" % (ct, var, ct, op.start, idx[0], op.step))
+        start = "%dLL" % op.start if isinstance(op.start, int) else "(int64_t)%s" % b.value(op.start, ())
+        b.emit("const %s %s = (%s)(%s + (int64_t)(%s) * %dLL);" % (ct, var, ct, start, idx[0], op.step))
         return var
     if isinstance(op, indexing.Take):
         return _take(b, node, op, idx)

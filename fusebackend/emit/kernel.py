@@ -9,7 +9,8 @@ class KernelSource:
     """One generated kernel.
 
     Calling convention (both targets): a pointer array (inputs in `inputs` order, then outputs in
-    `outputs` order) and an int64 array `meta`: the domain sizes, then for each operand its strides.
+    `outputs` order) and an int64 array `meta`: the domain sizes, then for each operand its strides, then
+    the value of each symbolic int in `scalars` (read from the environment every call).
     `unit_strides` lists (slot, dim) pairs the code assumes are 1; the runtime checks them once.
     """
     name: str
@@ -20,6 +21,7 @@ class KernelSource:
     outputs: list               # node names, in pointer order (after the inputs)
     domain: tuple               # iteration sizes (ints, or symbol text for dynamic dims)
     reduce_dims: tuple = ()
+    scalars: list = field(default_factory=list)   # Refs of symbolic ints passed by value after the strides
     operand_ranks: tuple = ()   # rank of each operand (its strides follow the domain sizes in meta)
     unit_strides: tuple = ()
     contiguous_slots: tuple = ()   # operands indexed by the linear index (must be contiguous)
@@ -30,6 +32,11 @@ class KernelSource:
     # The kernel reads through an index tensor (embedding, gather): an index out of range traps on CUDA
     # and, on the CPU, sets the library's `fb_index_error`, which the runtime raises as IndexError.
     checks_index: bool = False
+
+    @property
+    def num_meta(self) -> int:
+        """Length of the meta array: domain sizes, every operand's strides, the symbolic ints (at least 1)."""
+        return max(1, len(self.domain) + sum(self.operand_ranks) + len(self.scalars))
 
     @property
     def num_operands(self) -> int:

@@ -63,6 +63,8 @@ class OpNode:
     flops: int = 0
     bytes: int = 0
     device: str = "cpu"
+    sym_expr: Optional[str] = None      # a symbolic-int value (SymInt input, a size read as a value): its text
+    stack_trace: str = ""               # the user's source line(s) the FX node came from (Dynamo's stack_trace)
 
     @property
     def op_name(self) -> str:

@@ -38,7 +38,7 @@ class Cat:
 
 @dataclass(frozen=True)
 class Arange:
-    start: int
+    start: object              # an int, or a Ref to a symbolic int (HF's arange(past, past + n))
     step: int
 
 
@@ -134,7 +134,8 @@ def normalize_cat(args, kwargs, meta_of, out_meta) -> Optional[Cat]:
 
 
 def normalize_arange(target, args, kwargs, out_meta) -> Optional[Arange]:
-    """Integer arange with static int bounds: start + i * step."""
+    """Integer arange: start + i * step, the step a static int; start and end may be symbolic ints (Refs to
+    a SymInt input or to arithmetic on sizes): the end only sizes the output, the start is a kernel argument."""
     if out_meta is None or out_meta.dtype not in _INT_DTYPES or out_meta.rank != 1:
         return None
     if set(kwargs) - {"dtype", "layout", "device", "pin_memory"}:
@@ -153,7 +154,9 @@ def normalize_arange(target, args, kwargs, out_meta) -> Optional[Arange]:
         bounds = args[:3]
     else:
         return None
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in tuple(bounds) + (start, step)):
+    if not isinstance(step, int) or isinstance(step, bool) or not all(
+            isinstance(v, Ref) and v.item is None or isinstance(v, int) and not isinstance(v, bool)
+            for v in tuple(bounds) + (start,)):
         return None
     return Arange(start, step)
 

@@ -6,7 +6,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from . import registry, splits
+from . import effects, foreach, registry, splits
 from .meta_rules import real_multi_meta
 from .fusion_graph import FusionGraph, OpNode, Ref, TensorMeta
 
@@ -79,12 +79,14 @@ def lower(gm: fx.GraphModule) -> FusionGraph:
     fg = FusionGraph()
     alias: dict[str, Ref] = {}
     pieces: dict[str, list] = {}          # split node -> (view target, args) of each item (graph/splits.py)
+    items: dict[str, list] = {}           # foreach node -> node name of each item (graph/foreach.py)
     for n in gm.graph.nodes:
         val = n.meta.get("val")
         if n.op == "placeholder":
             meta, _ = _meta_of(val)
             kind = "placeholder" if meta is not None else "symbol"
-            node = fg.add(OpNode(n.name, kind, meta=meta, device=meta.device if meta else "cpu"))
+            node = fg.add(OpNode(n.name, kind, meta=meta, device=meta.device if meta else "cpu",
+                                 sym_expr=_sym_expr(val)))
             if kind == "symbol" and isinstance(val, torch.SymInt):
                 fg.symbols[str(val)] = n.name
             fg.inputs.append(n.name)
@@ -95,8 +97,13 @@ def lower(gm: fx.GraphModule) -> FusionGraph:
             node = OpNode(n.name, kind, target, args, {}, meta, device=meta.device)
             node.flops, node.bytes = _cost(kind, meta, target, args, fg)
             fg.add(node, [args[0].name])
+        elif n.op == "call_function" and n.target is operator.getitem and getattr(n.args[0], "name", None) in items:
+            alias[n.name] = Ref(items[n.args[0].name][n.args[1]])
         elif n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
             alias[n.name] = Ref(n.args[0].name, n.args[1])
+        elif n.op == "call_function" and foreach.is_foreach(n.target) and \
+                _expand_foreach(fg, n, _refs(n.args, alias), _refs(dict(n.kwargs), alias), items):
+            pass
         elif n.op == "call_function" and splits.as_views(n, None) is not None:
             pieces[n.name] = splits.as_views(n, _refs(n.args[0], alias))
         elif n.op == "call_function":
@@ -108,7 +115,8 @@ def lower(gm: fx.GraphModule) -> FusionGraph:
             kind = registry.classify(n.target, args, kwargs, fg.meta_of, meta) if meta is not None else "opaque"
             deps = sorted(set(_deps(args, []) + _deps(kwargs, [])))
             device = meta.device if meta else _first_device(fg, deps)
-            node = OpNode(n.name, kind, n.target, args, kwargs, meta, multi, device=device)
+            node = OpNode(n.name, kind, n.target, args, kwargs, meta, multi, device=device,
+                          sym_expr=_sym_expr(val) if meta is None and multi is None else None)
             node.flops, node.bytes = _cost(kind, meta, n.target, args, fg)
             fg.add(node, deps)
         elif n.op == "get_attr" and isinstance(_attr(gm, n.target), torch.Tensor):
@@ -120,8 +128,33 @@ def lower(gm: fx.GraphModule) -> FusionGraph:
             fg.outputs = list(_refs(tuple(outs) if isinstance(outs, (list, tuple)) else (outs,), alias))
         else:
             raise NotImplementedError("FX node kind %r (%s) is not supported" % (n.op, n.format_node()))
+        if n.name in fg.g:
+            fg.node(n.name).stack_trace = n.meta.get("stack_trace") or ""
     _unbacked_sources(fg)
+    effects.order_side_effects(fg)       # collectives and writes keep the graph's order
     return fg
+
+
+def _sym_expr(val):
+    """The text of a symbolic int value (a SymInt input, sym_size, arithmetic on sizes), else None: such a
+    value reaches a kernel as a scalar argument."""
+    if isinstance(val, torch.SymInt):
+        return str(val)
+    if isinstance(val, int) and not isinstance(val, bool):
+        return str(val)
+    return None
+
+
+def _expand_foreach(fg: FusionGraph, n: fx.Node, args, kwargs, items: dict) -> bool:
+    def add(name, target, a, kw, meta):
+        kind = registry.classify(target, a, kw, fg.meta_of, meta)
+        node = OpNode(name, kind, target, a, kw, meta, device=meta.device)
+        node.flops, node.bytes = _cost(kind, meta, target, a, fg)
+        fg.add(node, sorted(set(_deps(a, []) + _deps(kw, []))))
+    names = foreach.expand(n.name, n.target, args, kwargs, n.meta.get("val"), fg.meta_of, add)
+    if names is not None:
+        items[n.name] = names
+    return names is not None
 
 
 def _drop_same_device(n: fx.Node, kwargs: dict) -> dict:

@@ -246,3 +246,44 @@ def finish_reduction(red: Reduction, rank: int) -> Reduction:
 def pointwise_flops(template: str) -> int:
     heavy = {"Exp", "Log", "Tanh", "Sigmoid", "Erf", "Gelu", "GeluTanh", "Silu", "Pow", "Sin", "Cos"}
     return 8 if template in heavy else 1
+
+
+# Ops whose place in the graph's order matters beyond their data edges: collectives and their waits (every
+# rank must issue them in one order), and ops that write an argument (copy_, set_, resize_, in-place
+# collectives, FSDP's storage ops). They stay opaque ATen calls; graph/effects.py adds the order edges.
+ORDERED_NAMESPACES = ("_c10d_functional", "c10d_functional", "c10d", "_dtensor", "fsdp")
+
+
+def is_ordered(target) -> bool:
+    """An op that must run in the graph's order relative to the other ordered ops."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return target in torch.fx.node._side_effectful_functions
+    return (target.namespace in ORDERED_NAMESPACES or target in torch.fx.node._side_effectful_functions
+            or bool(written_args(target)))
+
+
+def written_args(target) -> tuple:
+    """Positions (int) and keyword names (str) of the arguments an op writes, from its schema (Tensor(a!));
+    an effectful op that writes storage without saying so (inductor.resize_storage_bytes_) writes its first."""
+    schema = getattr(target, "_schema", None)
+    if schema is None:
+        return ()
+    out = tuple(a.name if a.kwarg_only else i for i, a in enumerate(schema.arguments)
+                if a.alias_info is not None and a.alias_info.is_write)
+    if not out and target in torch.fx.node._side_effectful_functions and "resize" in schema.name:
+        return (0,)
+    return out
+
+
+def aliased_arg(target):
+    """The position or keyword of the argument an op's (first) output aliases (views, copy_, set_), else None."""
+    schema = getattr(target, "_schema", None)
+    if schema is not None and schema.name.endswith("::wait_tensor"):
+        return 0                 # returns its input (the collective's result buffer), unannotated
+    if schema is None or not schema.returns or schema.returns[0].alias_info is None:
+        return None
+    sets = schema.returns[0].alias_info.before_set
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is not None and a.alias_info.before_set & sets:
+            return a.name if a.kwarg_only else i
+    return None

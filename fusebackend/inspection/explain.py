@@ -29,6 +29,8 @@ class Report:
             for g in r.groups:
                 flag = "  [fallback: %s]" % g.fallback_reason.splitlines()[0] if g.fallback_reason else ""
                 lines.append("  " + g.describe(r.graph) + flag)
+            for b in getattr(r, "batches", None) or ():
+                lines.append("  " + b.describe())
             if getattr(r, "placement", None) is not None:
                 from ..passes.placement import format_plan
                 lines += ["  " + l for l in format_plan(r.placement).splitlines()]

@@ -15,12 +15,14 @@ MAX_CONE = 48       # nodes: a larger generated value is written once rather tha
 
 
 def generated(fg: FusionGraph) -> set:
-    """Pointwise and view nodes whose every operand is itself generated (or a size symbol)."""
+    """Pointwise and view nodes whose every operand is itself generated (or a size symbol, or arithmetic on
+    sizes: a symbolic int the kernel takes as an argument)."""
     gen = set()
     for node in fg.nodes():
         if node.kind not in ("pointwise", "view") or node.meta is None:
             continue
-        if all(p in gen or fg.node(p).kind == "symbol" for p in fg.producers(node.name)):
+        if all(p in gen or fg.node(p).kind == "symbol" or fg.node(p).sym_expr is not None
+               for p in fg.producers(node.name)):
             gen.add(node.name)
     return gen
 

@@ -22,7 +22,7 @@ class BatchKernelStep:
     """Runs member KernelSteps that share one kernel through its batch entry point."""
     kind = "batch"
 
-    def __init__(self, members: list, launch):
+    def __init__(self, members: list, launch, own_storage=frozenset()):
         self.members = members
         self.launch = launch
         self.device = members[0].device
@@ -39,7 +39,11 @@ class BatchKernelStep:
             get = lambda env: [r(env) for r in resolvers]
         self.get_inputs = get
         self.out_names = [members[q].out_names[j] for j in range(self.nout) for q in range(n)]
-        self.outputs = Outputs([members[q].out_alloc[j] for j in range(self.nout) for q in range(n)], self.device)
+        # graph outputs get storages of their own, as eager's do (Dynamo guards on aliasing and offsets);
+        # intermediates share one allocation
+        own = [k for k, name in enumerate(self.out_names) if name in own_storage]
+        self.outputs = Outputs([members[q].out_alloc[j] for j in range(self.nout) for q in range(n)], self.device,
+                               own)
         self.plan = None
 
     def __call__(self, env):
@@ -80,7 +84,40 @@ class BatchKernelStep:
 class Outputs:
     """Every member's outputs. Contiguous outputs of one dtype come from one allocation, each at an ALIGN-byte
     offset; when they also share their trailing dims, one split along dim 0 makes them all (no view per
-    output). Otherwise each output is allocated on its own. Calling returns (tensors, their addresses)."""
+    output). Outputs listed in `own` (the graph's outputs: eager returns them as separate tensors, at offset
+    0, and Dynamo's guards on the next call see the difference) and any other layout are allocated each on
+    their own. Calling returns (tensors, their addresses), in `allocs` order."""
+
+    def __init__(self, allocs: list, device, own=()):
+        self.allocs, self.device = allocs, device
+        own = set(own)
+        self.own = [k for k in range(len(allocs)) if k in own]
+        self.shared = [k for k in range(len(allocs)) if k not in own]
+        self.pool = _Shared([allocs[k] for k in self.shared], device) if len(self.shared) >= 2 else None
+        if self.pool is None or self.pool.mode == "each":
+            self.pool, self.own, self.shared = None, list(range(len(allocs))), []
+        self.mode = self.pool.mode if self.pool is not None and not self.own else ("each" if self.pool is None
+                                                                                      else "mixed")
+
+    def __call__(self):
+        if self.pool is None:
+            outs = [torch.empty_strided(s, st, dtype=dt, device=self.device) for s, st, dt in self.allocs]
+            return outs, [t.data_ptr() for t in outs]
+        shared, addrs = self.pool()
+        if not self.own:
+            return shared, addrs
+        outs, ptrs = [None] * len(self.allocs), [0] * len(self.allocs)
+        for k, t, a in zip(self.shared, shared, addrs):
+            outs[k], ptrs[k] = t, a
+        for k in self.own:
+            s, st, dt = self.allocs[k]
+            t = outs[k] = torch.empty_strided(s, st, dtype=dt, device=self.device)
+            ptrs[k] = t.data_ptr()
+        return outs, ptrs
+
+
+class _Shared:
+    """Outputs from one allocation (mode "rows" or "flat"), or "each" where their layouts do not allow it."""
 
     def __init__(self, allocs: list, device):
         self.allocs, self.device = allocs, device
@@ -115,13 +152,10 @@ class Outputs:
         if self.mode == "rows":
             buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
             outs = buf.unsafe_split_with_sizes(self.rows)    # not autograd views: cheaper, and disjoint
-        elif self.mode == "flat":
+        else:
             buf = torch.empty(self.total, dtype=self.dtype, device=self.device)
             parts = buf.unsafe_split_with_sizes(self.pieces)
             outs = [parts[2 * k].view(s) for k, s in enumerate(self.shapes)]
-        else:
-            outs = [torch.empty_strided(s, st, dtype=dt, device=self.device) for s, st, dt in self.allocs]
-            return outs, [t.data_ptr() for t in outs]
         base = buf.data_ptr()
         return outs, [base + o for o in self.offsets]
 

@@ -29,7 +29,8 @@ def build_program(fg, groups, kernels, opts, batches=()) -> Program:
         if g.id in kernels:
             spec, launch = kernels[g.id]
             metas = [fg.node(n).meta for n in spec.outputs]
-            if all(m.is_static for m in metas) and all(isinstance(d, int) for d in spec.domain):
+            if all(m.is_static for m in metas) and all(isinstance(d, int) for d in spec.domain) \
+                    and not spec.scalars:
                 step = KernelStep(spec, launch, metas, g.device)
             else:
                 step = DynamicKernelStep(spec, launch, metas, g.device, sym)
@@ -44,7 +45,7 @@ def build_program(fg, groups, kernels, opts, batches=()) -> Program:
                     steps.append(ViewStep(chains[n.name]))
                 elif n.name not in absorbed:
                     steps.append(AtenStep(n))
-    steps = check_kernel_inputs(fg, _merge_batches(steps, batches))
+    steps = check_kernel_inputs(fg, _merge_batches(steps, batches, fg.output_names()))
     program = Program(fg, steps, fg.inputs)
     if opts.cudagraphs:
         from .cudagraph import CudaGraphProgram
@@ -52,8 +53,9 @@ def build_program(fg, groups, kernels, opts, batches=()) -> Program:
     return program
 
 
-def _merge_batches(steps, batches):
-    """Replace the member steps of each horizontal batch by one BatchKernelStep (same kernel code only)."""
+def _merge_batches(steps, batches, graph_outputs=frozenset()):
+    """Replace the member steps of each horizontal batch by one BatchKernelStep (same kernel code only);
+    graph outputs keep storages of their own."""
     by_group = {getattr(s, "group_id", None): s for s in steps}
     replace = {}
     for b in batches:
@@ -64,7 +66,7 @@ def _merge_batches(steps, batches):
                 by_source.setdefault(m.spec.source, []).append(m)
         for same in by_source.values():
             if len(same) >= 2:
-                step = BatchKernelStep(same, same[0].launch)
+                step = BatchKernelStep(same, same[0].launch, graph_outputs)
                 replace[id(same[0])] = step
                 for m in same[1:]:
                     replace[id(m)] = None

@@ -12,6 +12,7 @@ import threading
 import torch
 
 from . import cache
+from .lru import BoundedCache
 
 INCLUDE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "emit", "include")
 # -ffp-contract=off: a*b+c rounds twice, as in eager (and Inductor); the math templates use explicit FMAs.
@@ -27,7 +28,9 @@ class CompileFailed(RuntimeError):
     pass
 
 
-_loaded: dict = {}
+# Libraries held in memory: at most MAX_LOADED (least recently used dropped; see runtime/lru.py)
+MAX_LOADED = int(os.environ.get("FUSEBACKEND_MAX_LOADED_KERNELS", "2048"))
+_loaded = BoundedCache(MAX_LOADED)
 _lock = threading.Lock()
 _compiler_id: dict = {}
 

@@ -22,6 +22,7 @@ import torch
 
 from . import cache
 from .cuda_launch import DeviceInfo, arg_struct, plan_launch
+from .lru import BoundedCache
 from .steps import LayoutMismatch
 
 INCLUDE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "emit", "include")
@@ -39,7 +40,11 @@ class CompileFailed(RuntimeError):
 
 
 stats = {"nvrtc": 0, "disk": 0, "memory": 0}   # where compiled images came from (tests read it)
-_images: dict = {}
+# Compiled images held in memory: at most MAX_IMAGES entries and MAX_IMAGE_BYTES in all (least recently used
+# dropped; runtime/lru.py). Loaded modules live with the kernels that launch them (live_kernels).
+MAX_IMAGES = int(os.environ.get("FUSEBACKEND_MAX_LOADED_KERNELS", "2048"))
+MAX_IMAGE_BYTES = 256 << 20
+_images = BoundedCache(MAX_IMAGES, MAX_IMAGE_BYTES)
 live_kernels = weakref.WeakSet()                 # loaded kernels, for debugging and dumps
 _lock = threading.Lock()
 _ident: dict = {}

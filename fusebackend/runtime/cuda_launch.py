@@ -103,7 +103,7 @@ def plan_launch(spec, meta, dev: DeviceInfo, occupancy=None):
 def arg_struct(spec):
     """A ctypes struct laid out as fb::KArgs<NP, NM> for this kernel."""
     np_ = spec.num_operands
-    nm = max(1, len(spec.domain) + sum(spec.operand_ranks))
+    nm = spec.num_meta
 
     class KArgs(ctypes.Structure):
         _fields_ = [("p", ctypes.c_void_p * np_), ("m", ctypes.c_int64 * nm)]

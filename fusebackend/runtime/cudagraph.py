@@ -115,6 +115,9 @@ class CudaGraphProgram:
             torch.cuda.synchronize()
             with torch.cuda.graph(graph):
                 outs = self.program(list(static))
+        except torch.OutOfMemoryError:  # not a property of the program: raised as is, the next call captures
+            self.graph, self.calls = None, 1
+            raise
         except Exception as e:
             warnings.warn("fusebackend: CUDA graph capture failed (%s: %s); this graph runs uncaptured"
                           % (type(e).__name__, str(e).splitlines()[0] if str(e) else ""))

@@ -58,7 +58,7 @@ def step_reads(step) -> set:
     if hasattr(step, "members"):                       # a horizontal batch
         return set().union(*(step_reads(m) for m in step.members))
     if hasattr(step, "spec"):
-        return {r.name for r in step.spec.inputs}
+        return {r.name for r in list(step.spec.inputs) + list(getattr(step.spec, "scalars", ()))}
     if hasattr(step, "steps"):                         # a fallback group
         return set().union(*(step_reads(s) for s in step.steps)) if step.steps else set()
     return ref_names([(n.args, n.kwargs) for n in getattr(step, "group_nodes", [])])
@@ -94,11 +94,42 @@ class FallbackStep:
     def __init__(self, nodes, reason):
         self.steps = [AtenStep(n) for n in nodes]
         self.reason = reason
-        warnings.warn("fusebackend: a fused group fell back to ATen (%s)" % _summary(reason), stacklevel=3)
+        warnings.warn("fusebackend: a fused group fell back to ATen (%s): %s" % (_summary(reason), describe(nodes)),
+                      stacklevel=3)
 
     def __call__(self, env):
         for s in self.steps:
             s(env)
+
+
+def describe(nodes, max_ops: int = 8, max_lines: int = 2) -> str:
+    """What a fallback runs, in the user's terms: the ATen ops and the source lines they came from."""
+    ops = [n.op_name.split(".")[0] for n in nodes if n.target is not None]
+    text = "%d ATen call%s (%s%s)" % (len(ops), "" if len(ops) == 1 else "s", ", ".join(ops[:max_ops]),
+                                      ", ..." if len(ops) > max_ops else "")
+    where = []
+    for n in nodes:
+        line = source_line(getattr(n, "stack_trace", ""))
+        if line and line not in where:
+            where.append(line)
+    if where:
+        text += " from " + "; ".join(where[:max_lines]) + ("; ..." if len(where) > max_lines else "")
+    return text
+
+
+def source_line(stack_trace: str) -> str:
+    """The innermost frame of an FX node's stack trace, as 'file:line in fn: code'."""
+    lines = [l.strip() for l in (stack_trace or "").splitlines() if l.strip()]
+    for k in range(len(lines) - 1, -1, -1):
+        l = lines[k]
+        if l.startswith("File "):
+            parts = l.split(", ")
+            path = parts[0][len("File "):].strip('"')
+            lineno = parts[1].replace("line ", "") if len(parts) > 1 else "?"
+            fn = parts[2].replace("in ", "") if len(parts) > 2 else "?"
+            code = lines[k + 1] if k + 1 < len(lines) and not lines[k + 1].startswith("File ") else ""
+            return "%s:%s in %s%s" % (path, lineno, fn, (": " + code) if code else "")
+    return ""
 
 
 def _summary(reason: str) -> str:

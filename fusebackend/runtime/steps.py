@@ -105,7 +105,7 @@ class KernelStep:
         for name, t in zip(self.out_names, outs):
             env[name] = t
 
-    def build_meta(self, tensors, domain=None):
+    def build_meta(self, tensors, domain=None, scalars=()):
         spec = self.spec
         for slot, d in spec.unit_strides:
             t = tensors[slot]
@@ -117,15 +117,18 @@ class KernelStep:
         values = [int(s) for s in (spec.domain if domain is None else domain)]
         for t in tensors:
             values.extend(0 if sz == 1 else st for sz, st in zip(t.shape, t.stride()))
+        values.extend(scalars)
         return values
 
 
 class DynamicKernelStep(KernelStep):
-    """A kernel over symbolic sizes: sizes, output shapes and the meta array are evaluated every call."""
+    """A kernel over symbolic sizes, or reading symbolic ints: sizes, output shapes, the scalar arguments and
+    the meta array are evaluated every call."""
 
     def __init__(self, spec, launch, out_metas, device, symbol_eval):
         super().__init__(spec, launch, out_metas, device)
         self.sym = symbol_eval
+        self.scalars = [resolver(r) for r in getattr(spec, "scalars", ())]
 
     def __call__(self, env):
         values = self.sym.values(env)
@@ -134,7 +137,8 @@ class DynamicKernelStep(KernelStep):
         for shape, stride, dt in self.out_alloc:
             shape = self.sym.dims(shape, values)
             outs.append(torch.empty_strided(shape, self.sym.dims(stride, values), dtype=dt, device=self.device))
-        meta = self.build_meta(ins + outs, self.sym.dims(self.spec.domain, values))
+        scalars = [int(r(env)) for r in self.scalars]
+        meta = self.build_meta(ins + outs, self.sym.dims(self.spec.domain, values), scalars)
         self.launch(ins + outs, meta)
         for name, t in zip(self.out_names, outs):
             env[name] = t

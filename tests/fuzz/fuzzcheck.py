@@ -17,6 +17,8 @@ import warnings
 
 import torch
 
+from fuzzdevice import DEVICE, to_cpu, to_device
+
 HALF = (torch.float16, torch.bfloat16)
 HALF_FACTOR = 4.0
 STATS = collections.Counter()       # examples, kernels, fallbacks by reason: printed by the tests
@@ -60,7 +62,7 @@ def _to64(a):
     return a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
 
 
-def compare(case, fn, args, got, expected):
+def compare(case, fn, args, got, expected, tie_break=False):
     got = got if isinstance(got, (tuple, list)) else (got,)
     expected = expected if isinstance(expected, (tuple, list)) else (expected,)
     assert len(got) == len(expected), (len(got), len(expected))
@@ -97,17 +99,23 @@ def compare(case, fn, args, got, expected):
                 torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6, equal_nan=True,
                                            msg=lambda m: what + ": " + m)
             except AssertionError:
-                if not case.reassoc.get(name):
+                if not case.reassoc.get(name) and not tie_break:
                     raise
-                STATS["float32 sums checked against float64"] += 1
-                half_rule(o, r, reference(name), torch.finfo(torch.float32).eps, what + " (float32 sum)")
+                # a float32 sum (any device), or any float32 value on a GPU (eager's CUDA math library and the
+                # kernel's differ by an ulp; NVRTC contracts a * b + c into an fma where eager rounds twice): the float64 CPU run decides, by the half-type rule at float32's eps
+                STATS["float32 sums checked against float64" if case.reassoc.get(name)
+                      else "%s float32 tie-breaks against float64" % DEVICE.type] += 1
+                half_rule(o, r, reference(name), torch.finfo(torch.float32).eps, what + " (float64 tie-break)")
 
 
 def run_case(case, *, calls=2):
-    """Compile the case with backend="fuse", call it `calls` times on fresh data, compare each with eager."""
+    """Compile the case with backend="fuse", call it `calls` times on fresh data, compare each with eager.
+    On FUSEBACKEND_FUZZ_DEVICE (fuzzdevice.py): eager on that device is the reference, float64 on the CPU
+    the tie-breaker."""
     from fusebackend.capture import records as report_mod
     fn = case.function()
-    args = case.make_inputs()
+    host = case.make_inputs()
+    args = [to_device(a) for a in host]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -126,16 +134,19 @@ def run_case(case, *, calls=2):
         for _, reason in rep.fallbacks:
             STATS["fallback: " + reason.splitlines()[0][:70]] += 1
     compile_errors = [reason for rep in reps for _, reason in rep.fallbacks if reason.startswith("compile")]
-    assert not compile_errors, "generated C++ did not compile:\n" + compile_errors[0]
+    assert not compile_errors, "generated %s did not compile:\n" % ("C++" if DEVICE.type == "cpu" else "CUDA") \
+        + compile_errors[0]
     layout = [str(w.message) for w in caught if "layout" in str(w.message)]
     if layout:
         STATS["layout fallbacks"] += 1
         NOTES.append("layout fallback: %s\n%r" % (layout[0], case))
-    compare(case, fn, args, got, expected)
+    tie = DEVICE.type != "cpu"
+    compare(case, fn, host, to_cpu(got), to_cpu(expected), tie)
     for k in range(1, calls):          # same layout, fresh values: the kernels' cached meta path
-        args = case.make_inputs(case.seed + 1000 * k)
+        host = case.make_inputs(case.seed + 1000 * k)
+        args = [to_device(a) for a in host]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             expected = fn(*args)
             got = compiled(*args)
-        compare(case, fn, args, got, expected)
+        compare(case, fn, host, to_cpu(got), to_cpu(expected), tie)
