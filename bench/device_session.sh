@@ -20,12 +20,14 @@ case ${1:-A} in
 A)
   step gpu_tests 360 python3 -m pytest -q -m gpu -p no:cacheprovider tests
   TAIL=40 step placed 150 python3 bench/placed.py --out "$OUT/placed.json"
+  have bench/soak.py && step soak 60 python3 bench/soak.py --device cuda --steps 100000 --seconds 45
   ;;
 B)
   TAIL=60 step offload 240 python3 bench/offload.py --out "$OUT/offload"
-  have bench/optimizer.py && TAIL=20 step optimizer 120 python3 bench/optimizer.py --device cuda
-  have bench/fuzz_gpu.py && step fuzz_gpu 100 python3 bench/fuzz_gpu.py --seconds 80 --seed 31
-  have bench/soak.py && step soak 60 python3 bench/soak.py --device cuda
+  have bench/optimizer.py && TAIL=20 step optimizer 170 python3 bench/optimizer.py --device cuda --n 200 \
+    --opt adamw --max-s 20
+  have bench/fuzz_gpu.py && step fuzz_gpu 120 python3 bench/fuzz_gpu.py --seconds 100 --seed 31 \
+    --log "$OUT/fuzz_gpu.log.txt"
   ;;
 esac
 echo "== steps"; cat "$OUT/steps.txt"
