@@ -45,6 +45,7 @@ def parse():
     a("--steps", type=int, default=6, help="timed steps per cell"), a("--warmup", type=int, default=2)
     a("--time-limit", type=float, default=290.0), a("--cell-limit", type=float, default=12.0)
     a("--strategies", default=",".join(STRATEGIES)), a("--prefetch", type=int, default=1)
+    a("--learn", type=int, default=1, help="fuse learns measured costs (1) or trusts the profile (0)")
     a("--share-experts", action="store_true", help="8 distinct experts reused by every layer (host memory)")
     a("--profile", default=None, help="hardware profile: none = this machine (cached), reference-h200, a JSON")
     a("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 2)), a("--seed", type=int, default=0)
@@ -167,7 +168,7 @@ class Strategy:
             corr = CostCorrection() if name == "fuse" else None
             self.layers = [HybridMoELayer(ctx.host[l], resident=sorted(r), profile=prof, scheduler=sched, api=api,
                                           staging=pool, staging_slots=0, trace=name == "fuse",
-                                          learn=name == "fuse", correction=corr)
+                                          learn=name == "fuse" and bool(ctx.args.learn), correction=corr)
                            for l, r in enumerate(self.res)]              # one pool of two experts for all layers
 
     def moe(self, l, x, idx, w):

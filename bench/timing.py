@@ -46,10 +46,12 @@ def wall_ms(fn, sync=lambda: None, min_total=0.2, reps=5, max_iters=2000):
     return samples[len(samples) // 2]
 
 
-def wall_ms_interleaved(calls, sync=lambda: None, min_total=0.2, reps=5, max_iters=2000):
+def wall_ms_interleaved(calls, sync=lambda: None, min_total=0.2, reps=5, max_iters=2000, max_s=None):
     """wall_ms for several callables at once, their reps interleaved (A B C A B C ...).
 
     Returns ({name: median ms}, {name: exception}); a callable that raises is dropped from later reps.
+    max_s: no new round of reps starts once this many seconds have passed since the first one, after at least
+    3 rounds (a machine that slows down mid-run still gives a median in bounded time).
     """
     iters, samples, errors = {}, {}, {}
     for name, fn in calls.items():
@@ -63,7 +65,10 @@ def wall_ms_interleaved(calls, sync=lambda: None, min_total=0.2, reps=5, max_ite
             samples[name] = []
         except Exception as e:
             errors[name] = e
-    for _ in range(reps):
+    t_end = None if max_s is None else time.perf_counter() + max_s
+    for r in range(reps):
+        if t_end is not None and r >= 3 and time.perf_counter() > t_end:
+            break
         for name in list(samples):
             fn, n = calls[name], iters[name]
             try:

@@ -11,6 +11,7 @@ import functools
 import re
 import threading
 import warnings
+import weakref
 
 import torch
 from torch._dynamo.backends.common import aot_autograd
@@ -29,7 +30,10 @@ from ..passes.placement_rewrite import place_on_cpu, stream_weights
 from ..runtime import build_program
 from ..runtime.placed import PlacedProgram, WeightHomes
 
-_SESSIONS = {}           # id(options dict) -> (options dict, WeightHomes): one ledger per compiled model
+# id(options dict) -> the WeightHomes ledger of one compiled model, held weakly: the model's PlacedPrograms
+# hold it (and its resident GPU copies); when they go (torch._dynamo.reset(), the model freed), it goes too.
+# The ledger keeps its options dict alive, so while it lives that id cannot be reused by another dict.
+_SESSIONS = weakref.WeakValueDictionary()
 _LOCK = threading.Lock()
 _PLAN_ONLY = threading.local()
 
@@ -43,10 +47,12 @@ def user_label(placeholder: str) -> str:
 
 def _ledger(options, budget):
     with _LOCK:
-        key = id(options)
-        if key not in _SESSIONS:
-            _SESSIONS[key] = (options, WeightHomes(budget))
-        return _SESSIONS[key][1]
+        homes = _SESSIONS.get(id(options))
+        if homes is None or homes.options is not options:
+            homes = WeightHomes(budget)
+            homes.options = options
+            _SESSIONS[id(options)] = homes
+        return homes
 
 
 def _profile(opts):
@@ -98,6 +104,7 @@ def _compile_graph(ctx, gm, example_inputs):
                           fixed_homes=known, token_hint=routed_token_hint(fg, patterns, _rows_hint(ctx, fg, patterns)))
     rep = records.GraphReport(kind="inference", graph=fg)
     rep.placement, rep.patterns = plan, patterns
+    rep.ledger = homes          # planning only: the reports keep the model's ledger alive between its graphs
     if not plan.per_call:           # homes are this graph's for good: claim them now (never over budget)
         for w, t in zip(names, ctx["weights"]):
             if homes.claim(t, plan.input_homes[w]) != plan.input_homes[w]:

@@ -65,6 +65,7 @@ class _PinRegistry:
     def __init__(self):
         self.lock = threading.Lock()
         self.entries = {}           # storage data_ptr -> [pinned base (uint8 tensor), registered by us, refs]
+        self.ranges = []            # (first page, end page) of every range registered in place
 
     def pin(self, t):
         st = t.untyped_storage()
@@ -74,7 +75,13 @@ class _PinRegistry:
             if ent is None:
                 base, ours = torch.empty(0, dtype=torch.uint8).set_(st), False
                 if not t.is_pinned():                   # already page-locked memory is used as is
-                    code = _register(ptr, st.nbytes())
+                    # CUDA registers whole pages: a storage sharing a page with a registered one is refused
+                    # (and the refusal would linger as CUDA's last error), so it gets a copy instead
+                    pages = (ptr // _PAGE, -(-(ptr + st.nbytes()) // _PAGE))
+                    overlap = any(a < pages[1] and pages[0] < b for a, b in self.ranges)
+                    code = None if overlap else _register(ptr, st.nbytes())
+                    if code == 0:
+                        self.ranges.append(pages)
                     if code is None:
                         base = base.pin_memory()        # registration refused: one pinned copy, not more
                     ours = code == 0                    # ours to unregister only if we registered it
@@ -102,12 +109,18 @@ class _PinRegistry:
 def _register(ptr, nbytes):
     """cudaHostRegister in place; returns the code when usable (0 or already registered), else None."""
     try:
-        code = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
+        rt = torch.cuda.cudart()
+        code = int(rt.cudaHostRegister(ptr, nbytes, 0))
     except Exception:           # a build without the binding: fall back to a copy
         return None
+    if code != 0:               # a refused registration must not surface later as a kernel launch's error
+        clear = getattr(rt, "cudaGetLastError", None)
+        if clear is not None:
+            clear()
     return code if code in (0, _ALREADY_REGISTERED) else None
 
 
+_PAGE = 4096
 PINS = _PinRegistry()
 _MEMCPY2D = []
 

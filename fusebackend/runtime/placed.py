@@ -17,6 +17,8 @@ import threading
 
 import torch
 
+from .cpu_worker import PINS
+
 
 def weight_key(t: torch.Tensor):
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
@@ -30,7 +32,7 @@ class WeightHomes:
         self.device = torch.device(device)
         self.homes = {}            # weight key -> "gpu" | "host"
         self.resident = {}         # weight key -> (version, GPU tensor)
-        self.pinned = {}           # weight key -> pinned CPU tensor (when it could not be pinned in place)
+        self.pinned = {}           # weight key -> (version, the weight in pinned memory: itself or a copy)
         self.resident_bytes = 0    # bytes of weights given a GPU home (whether copied yet or not)
         self.lock = threading.Lock()
 
@@ -63,31 +65,21 @@ class WeightHomes:
         return copy
 
     def host(self, t: torch.Tensor) -> torch.Tensor:
-        """t in pinned memory: its own storage registered with CUDA where possible, else one pinned copy."""
+        """t in pinned memory: its own storage registered with CUDA where possible, else one pinned copy --
+        through the process-wide registry the hybrid MoE layer uses too, so a storage is registered once
+        however many compiled models read it (a second registration is an error CUDA reports later)."""
         if t.device.type != "cpu" or t.is_pinned():
             return t
         key = weight_key(t)
         have = self.pinned.get(key)
         if have is not None and have[0] == t._version:
             return have[1]
-        if not _pin_in_place(t):
-            self.pinned[key] = (t._version, t.detach().pin_memory())
-            return self.pinned[key][1]
-        return t
+        pinned = PINS.pin(t.detach())
+        self.pinned[key] = (t._version, pinned)
+        return pinned
 
     def gpu_bytes(self) -> int:
         return sum(c.numel() * c.element_size() for _, c in self.resident.values())
-
-
-def _pin_in_place(t: torch.Tensor) -> bool:
-    """Register t's storage as pinned memory (no copy). Fails for storages the allocator cannot register."""
-    storage = t.untyped_storage()
-    try:
-        err = torch.cuda.cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0)
-    except Exception:
-        return False
-    ok = int(err) == 0 if not isinstance(err, tuple) else int(err[0]) == 0
-    return ok and t.is_pinned()
 
 
 class PlacedProgram:
