@@ -29,6 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from fusebackend.runtime.cpu_worker import PINS, CudaApi, StagingPool, expert_ffn  # noqa: E402
 from fusebackend.runtime.cost_correction import CostCorrection  # noqa: E402
 from fusebackend.runtime.hybrid_moe import HybridMoELayer  # noqa: E402
+from offload_report import fuse_stats, plot, table  # noqa: E402
 from timing import base_info, wall_ms  # noqa: E402
 
 FULL = dict(H=4096, F=14336, E=8, K=2, nh=32, kvh=8, hd=128)
@@ -266,24 +267,6 @@ def run_cell(ctx, strat, steps, kv, left):
     return statistics.median(times[a.warmup:]), n, err, torch.cuda.max_memory_allocated() if ctx.cuda else None
 
 
-def fuse_stats(st, n):
-    """fuse's timed MoE calls: cost-model prediction vs the call's events (ms per layer-call), and its choices."""
-    tr = [t for lay in st.layers for t in lay.collect_trace()[-n:]]
-    m = lambda k, f=lambda v: 1e3 * v: statistics.mean(f(t[k]) for t in tr)          # noqa: E731
-    modes = [t.get("mode") for t in tr]
-    return dict(pred_ms=m("predicted_s", lambda v: 1e3 * (v or 0.0)), moe_ms=m("total_s"), cpu_ms=m("cpu_s"),
-                link_ms=m("link_s"), n_cpu=m("cpu", len), n_streamed=m("streamed", len),
-                prefetch_hits=m("prefetched", len), split_share=m("split", lambda v: v is not None),
-                modes={k: modes.count(k) for k in sorted(set(modes), key=str)},
-                correction=tr[-1].get("correction") if tr else None)
-
-
-def table(header, body):
-    cells = [header] + [["-" if v is None else "%.3g" % v if isinstance(v, float) else str(v) for v in r] for r in body]
-    w = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)) for r in cells)
-
-
 def report(ctx, rows, data, cells, link, cpu):
     """Per budget: ms per layer-step and tokens/s per strategy, the bound, fuse's prediction; errors, memory."""
     args, L, text, bounds, names = ctx.args, ctx.args.layers, [], {}, ctx.args.strategies
@@ -310,29 +293,6 @@ def report(ctx, rows, data, cells, link, cpu):
             "max rel error vs gpu_all, peak GPU GB above the shared state (staging: +%.2f GB in pinned and fuse):"
             % (2 * ctx.expert_bytes / 1e9), table(["row"] + names, mem)]
     return text, bounds
-
-
-def plot(args, cells, bounds, rows, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no plot"
-    dec = [(r, T) for r, T in rows if r.startswith("decode")]
-    fig, axes = plt.subplots(1, len(args.budgets), figsize=(5 * len(args.budgets), 4), squeeze=False)
-    for ax, frac in zip(axes[0], args.budgets):
-        for n in args.strategies + ["bound"]:
-            get = lambda r: bounds.get((frac, r)) if n == "bound" else (   # noqa: E731
-                cells.get((None if n == "gpu_all" else frac, r, n)) or {}).get("ms_layer")
-            pts = [(T, get(r)) for r, T in dec if get(r)]
-            if pts:
-                ax.plot(*zip(*pts), "k--" if n == "bound" else "o-", label=n)
-        ax.set(xscale="log", yscale="log", title="budget %g" % frac, xlabel="decode batch", ylabel="ms per layer-step")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    return "wrote " + path
 
 
 def run_strategy(ctx, name, frac, rows, data, kv, deadline, cells, notes):

@@ -14,19 +14,7 @@ edge follows the graph's own (topological) order, so the graph stays acyclic.
 from __future__ import annotations
 
 from . import registry
-from .fusion_graph import FusionGraph, Ref
-
-
-def _refs(value, out):
-    if isinstance(value, Ref):
-        out.append(value.name)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _refs(v, out)
-    elif isinstance(value, dict):
-        for v in value.values():
-            _refs(v, out)
-    return out
+from .fusion_graph import FusionGraph, Ref, ref_names_in
 
 
 def _arg(node, key):
@@ -56,7 +44,7 @@ def order_side_effects(fg: FusionGraph) -> list:
             key = 0
         src = _arg(node, key) if key is not None else None
         root[name] = root.get(src.name, src.name) if isinstance(src, Ref) else name
-        bufs = {root.get(r, r) for r in _refs((node.args, node.kwargs), [])}
+        bufs = {root.get(r, r) for r in ref_names_in((node.args, node.kwargs), [])}
         for b in bufs:                                     # read after write
             if b in writer:
                 _add(fg, writer[b], name)
@@ -65,7 +53,7 @@ def order_side_effects(fg: FusionGraph) -> list:
                 _add(fg, ordered[-1], name)
             for k in registry.written_args(node.target):
                 ref = _arg(node, k)
-                for r in _refs(ref, []):
+                for r in ref_names_in(ref, []):
                     b = root.get(r, r)
                     for reader in readers.get(b, ()):       # write after read
                         _add(fg, reader, name)

@@ -80,6 +80,20 @@ class Ref:
     item: Optional[int] = None
 
 
+def ref_names_in(value, out=None) -> list:
+    """Names of the nodes that Refs inside an arg structure (lists, tuples, dicts) point to, in order."""
+    out = [] if out is None else out
+    if isinstance(value, Ref):
+        out.append(value.name)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            ref_names_in(v, out)
+    elif isinstance(value, dict):
+        for v in value.values():
+            ref_names_in(v, out)
+    return out
+
+
 class FusionGraph:
     """Thin wrapper over nx.DiGraph keeping node order, graph inputs and outputs."""
 

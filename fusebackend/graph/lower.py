@@ -8,7 +8,7 @@ import torch.fx as fx
 
 from . import effects, foreach, registry, splits
 from .meta_rules import real_multi_meta
-from .fusion_graph import FusionGraph, OpNode, Ref, TensorMeta
+from .fusion_graph import FusionGraph, OpNode, Ref, TensorMeta, ref_names_in
 
 
 def _meta_of(val):
@@ -28,18 +28,6 @@ def _refs(value, alias):
     if isinstance(value, dict):
         return {k: _refs(v, alias) for k, v in value.items()}
     return value
-
-
-def _deps(value, out):
-    if isinstance(value, Ref):
-        out.append(value.name)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _deps(v, out)
-    elif isinstance(value, dict):
-        for v in value.values():
-            _deps(v, out)
-    return out
 
 
 def _cost(kind, meta, target, args, fg):
@@ -113,7 +101,7 @@ def lower(gm: fx.GraphModule) -> FusionGraph:
             multi = real_multi_meta(n.target, args, multi, fg.meta_of)
             kwargs = _drop_same_device(n, kwargs)
             kind = registry.classify(n.target, args, kwargs, fg.meta_of, meta) if meta is not None else "opaque"
-            deps = sorted(set(_deps(args, []) + _deps(kwargs, [])))
+            deps = sorted(set(ref_names_in(args, []) + ref_names_in(kwargs, [])))
             device = meta.device if meta else _first_device(fg, deps)
             node = OpNode(n.name, kind, n.target, args, kwargs, meta, multi, device=device,
                           sym_expr=_sym_expr(val) if meta is None and multi is None else None)
@@ -150,7 +138,7 @@ def _expand_foreach(fg: FusionGraph, n: fx.Node, args, kwargs, items: dict) -> b
         kind = registry.classify(target, a, kw, fg.meta_of, meta)
         node = OpNode(name, kind, target, a, kw, meta, device=meta.device)
         node.flops, node.bytes = _cost(kind, meta, target, a, fg)
-        fg.add(node, sorted(set(_deps(a, []) + _deps(kw, []))))
+        fg.add(node, sorted(set(ref_names_in(a, []) + ref_names_in(kw, []))))
     names = foreach.expand(n.name, n.target, args, kwargs, n.meta.get("val"), fg.meta_of, add)
     if names is not None:
         items[n.name] = names
