@@ -7,7 +7,7 @@ What is measured (medians of few calls; sizes bandwidth-bound, repetitions few, 
   weights cycle through about twice the last-level cache (a 300 MB L3 would otherwise serve them).
 - CUDA: device copy, matmul rate (bf16, f16 at 8192^3; f32 at 4096^3, torch's TF32 setting as it is), pinned
   host<->device copies, the launch of a tiny ATen op (what experts and attention run as), a 4-byte
-  device->host round trip, and the shared DRAM rate: a CPU GEMV loop and a host->device copy run at once, read
+  device->host round trip, and the shared DRAM rate: a CPU GEMV loop and host->device copies (~15 ms each) at once, read
   through overlap_time's model (cost_model.shared_bw_from_overlap).
 Without CUDA the profile is this CPU's measured part plus the reference H200's GPU, link and launch part, named
 "measured-cpu+reference-h200-gpu": a CPU-only machine places nothing, but `dump`/`explain` can still show what
@@ -34,7 +34,7 @@ from ..passes.cost_model import shared_bw_from_overlap
 from ..passes.hardware_profile import DTYPES, HardwareProfile, reference_h200
 from .cache import cache_dir, write_atomic
 
-FORMAT = 1
+FORMAT = 2          # 2: the shared-DRAM probe runs ~15 ms per side (format 1 profiles are re-measured)
 OPTION = "hardware_profile"
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _K = 4096                # the reduction size of the CPU weight chunks (a hidden size)
@@ -192,12 +192,19 @@ def _measure_gpu(deadline, reps):
     return out, h, a
 
 
-def _measure_shared(chunks, gemv_bw, pinned, dst, dma_alone, rounds=3) -> float:
-    """CPU GEMVs (sized to last about as long as the copy) and a host->device copy, alone and then at once."""
+def _measure_shared(chunks, gemv_bw, pinned, dst, dma_alone, rounds=3, span_s=0.015) -> float:
+    """CPU GEMVs and host->device copies, each sized to last about `span_s`, alone and then started together,
+    read through overlap_time's model (its inverse). As the hybrid runtime runs them: the GEMVs on a second
+    thread over weights well beyond the last-level cache, the copies on a side stream waited for by an event.
+    Why 15 ms and not one 256 MB copy (4.7 ms): at that length the thread's start and the event's wake-up are
+    a large part of the overlap, and the first such measurement on the H200 read 63.6 GB/s where a 352 MB
+    expert pair showed about 84."""
     ws = [c.view(torch.bfloat16).view(-1, _K) for c in chunks]
     x = torch.full((1, _K), 0.5, dtype=torch.bfloat16)
-    n_gemv = max(1, min(4 * len(ws), round(dma_alone * gemv_bw / chunks[0].numel())))
+    n_copies = max(1, round(span_s / dma_alone))
+    n_gemv = max(1, round(n_copies * dma_alone * gemv_bw / chunks[0].numel()))
     stream = torch.cuda.Stream()
+    start = threading.Event()
 
     def cpu():
         t0 = time.perf_counter()
@@ -208,24 +215,30 @@ def _measure_shared(chunks, gemv_bw, pinned, dst, dma_alone, rounds=3) -> float:
     def dma():
         t0 = time.perf_counter()
         with torch.cuda.stream(stream):
-            dst.copy_(pinned, non_blocking=True)
-        stream.synchronize()
+            for _ in range(n_copies):
+                dst.copy_(pinned, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        done.synchronize()
         return time.perf_counter() - t0
     cpu(), dma()
     c_alone = statistics.median(cpu() for _ in range(rounds))
     d_alone = statistics.median(dma() for _ in range(rounds))
     both = []
     for _ in range(rounds):
-        got, barrier = {}, threading.Barrier(2)
-        th = threading.Thread(target=lambda: (barrier.wait(), got.__setitem__("c", cpu())))
+        got = {}
+        start.clear()
+        th = threading.Thread(target=lambda: (start.wait(), got.__setitem__("c", cpu())))
         th.start()
-        barrier.wait()
+        time.sleep(0.002)                 # the thread is parked on the event: both start within microseconds
+        start.set()
         d = dma()
         th.join()
         both.append((got["c"], d))
     c_both = statistics.median(c for c, _ in both)
     d_both = statistics.median(d for _, d in both)
-    return shared_bw_from_overlap(n_gemv * chunks[0].numel(), c_alone, c_both, pinned.numel(), d_alone, d_both)
+    return shared_bw_from_overlap(n_gemv * chunks[0].numel(), c_alone, c_both, n_copies * pinned.numel(), d_alone,
+                                  d_both)
 
 
 def measure_profile(budget_s: float | None = None) -> HardwareProfile:
@@ -234,7 +247,7 @@ def measure_profile(budget_s: float | None = None) -> HardwareProfile:
     budget = budget_s if budget_s is not None else (5.0 if cuda else 2.0)
     start = time.perf_counter()
     if cuda:
-        total = min(1 << 30, max(192 << 20, 2 * last_level_cache_bytes()))
+        total = min(1 << 30, max(512 << 20, 4 * last_level_cache_bytes()))
         chunks = _cpu_chunks(total, 64 << 20)
     else:       # nothing is placed on a CPU-only machine: a smaller working set keeps this quick
         chunks = _cpu_chunks(160 << 20, 32 << 20)
