@@ -53,7 +53,13 @@ def test_captured_layer_places_its_experts_under_every_budget():
         assert plan.fixed_bytes == fixed
         assert plan.resident_bytes <= budget, (share, plan.resident_bytes, budget)
         resident = [s for s in rows if s.home == "gpu"]
-        assert len(resident) == int(share * experts) // per_expert, share
+        room = int(share * experts) // per_expert
+        # the layer becomes one hybrid op: below the whole layer, up to 2 experts' worth of the budget are
+        # its streaming buffers
+        staged = 0 if room >= 4 else min(2, room)
+        assert plan.staging_slots == staged and plan.staging_bytes == staged * per_expert
+        assert plan.hybrid_layers == [0]
+        assert len(resident) == room - staged, share
         for s in rows:
             assert (s.mode == "resident") == (s.home == "gpu")
             assert s.mode in ("resident", "streamed", "cpu")
@@ -77,7 +83,8 @@ def test_all_experts_resident_at_the_whole_card():
     assert all(s.home == "gpu" for s in plans[0].subgraphs)
 
 
-def test_cpu_placed_experts_compute_on_the_cpu_with_transfers_at_the_boundary():
+def test_cpu_placed_experts_compute_on_the_cpu_with_transfers_at_the_boundary(monkeypatch):
+    monkeypatch.setenv("FUSEBACKEND_HYBRID_MOE", "0")       # the simple placed execution, not the hybrid op
     entry, model, inputs = _moe()
     fixed, _ = _weight_bytes(model)
     rep, plans = _plans(entry, model, inputs, gpu_memory_budget=fixed)
@@ -90,6 +97,24 @@ def test_cpu_placed_experts_compute_on_the_cpu_with_transfers_at_the_boundary():
     assert any(n.device == "cpu" for n in copies) and any(n.device == "cuda" for n in copies)
     devices = {g.device for g in rep.graph_reports[0].groups}
     assert devices == {"cpu", "cuda"}
+
+
+def test_a_whole_captured_layer_becomes_one_hybrid_op():
+    entry, model, inputs = _moe()
+    fixed, experts = _weight_bytes(model)
+    rep, plans = _plans(entry, model, inputs, gpu_memory_budget=fixed + experts // 2)
+    fg = rep.graph_reports[0].graph
+    ops = [n.op_name for n in fg.nodes()]
+    assert ops.count("moe_experts.default") == 1
+    # the per-expert nonzero (a device sync each), gathers and scatter-adds are gone with the experts
+    assert not any(o.startswith(("nonzero", "index_put", "index_add", "_assert_scalar")) for o in ops), ops
+    moe = next(n for n in fg.nodes() if n.op_name == "moe_experts.default")
+    expert_inputs = {n for n, p in model.named_parameters() if "experts" in n}
+    read = [r.name for r in moe.args[3]]
+    assert len(read) == len(expert_inputs) == 12
+    for w in read:
+        assert fg.users(w) == [moe.name] and fg.node(w).device == "cpu"
+    assert "hybrid op" in str(rep)
 
 
 def test_graph_broken_experts_get_homes_per_call():
@@ -149,9 +174,11 @@ def test_dump_cli_plans_on_fake_cuda_with_a_profile_file(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("hybrid", ["1", "0"])
 @pytest.mark.parametrize("name", ["mixtral_moe_captured", "mixtral_moe"])
 @pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
-def test_placed_execution_matches_eager_within_the_budget(name, share):
+def test_placed_execution_matches_eager_within_the_budget(name, share, hybrid, monkeypatch):
+    monkeypatch.setenv("FUSEBACKEND_HYBRID_MOE", hybrid)
     entry, model, inputs = _moe(name)
     fixed, experts = _weight_bytes(model)
     budget = fixed + int(share * experts)

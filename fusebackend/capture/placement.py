@@ -8,6 +8,8 @@ stops before compiling: `fusebackend dump --device cuda` prints the plan on a CP
 from __future__ import annotations
 
 import functools
+import itertools
+import os
 import re
 import threading
 import warnings
@@ -20,12 +22,15 @@ from torch._guards import detect_fake_mode
 from . import decompositions, fake_cuda, records
 from .kernels import build_kernels
 from ..graph import lower
+from ..graph.moe_op import OP as MOE_OP
 from ..options import FuseOptions, resolve_budget
 from ..passes import plan_groups
 from ..passes.hardware_profile import reference_h200
+from ..passes.pattern_moe_layer import find_moe_layers
 from ..passes.patterns import find_patterns
 from ..passes.placement import (PlacementError, best_offloaded, expert_modes, plan_placement,
                                routed_token_hint)
+from ..passes.placement_moe import rewrite_layer
 from ..passes.placement_rewrite import place_on_cpu, stream_weights
 from ..runtime import build_program
 from ..runtime.placed import PlacedProgram, WeightHomes
@@ -36,6 +41,13 @@ from ..runtime.placed import PlacedProgram, WeightHomes
 _SESSIONS = weakref.WeakValueDictionary()
 _LOCK = threading.Lock()
 _PLAN_ONLY = threading.local()
+_MOE_KEYS = itertools.count(1)
+STAGING_SLOTS = 2           # expert-sized streaming buffers a model's hybrid MoE layers share (double-buffering)
+
+
+def _hybrid_wanted() -> bool:
+    # FUSEBACKEND_HYBRID_MOE=0 keeps the simple placed execution (each expert where the plan put it)
+    return os.environ.get("FUSEBACKEND_HYBRID_MOE", "1") != "0"
 
 
 def user_label(placeholder: str) -> str:
@@ -99,17 +111,29 @@ def _compile_graph(ctx, gm, example_inputs):
     names = [fg.inputs[i] for i in ctx["weight_idx"]]
     sizes = {w: fg.node(w).meta.numel * fg.node(w).meta.dtype.itemsize for w in names}
     known = {w: homes.home_of(t) for w, t in zip(names, ctx["weights"]) if homes.home_of(t)}
+    layers = find_moe_layers(fg, patterns) if _hybrid_wanted() else []
+    layers = [L for L in layers if all(u.expert_index is None for t in L.expert_weights for u in t)]
+    held = getattr(homes, "moe", None)
+    slot = 0 if not layers or (held is not None and held.staging_slots) else max(
+        sum(u.bytes for u in t) for L in layers for t in L.expert_weights)
     plan = plan_placement(fg, patterns, profile, homes.budget, names, sizes,
                           already_resident=homes.resident_bytes, popularity=opts.routing_profile,
-                          fixed_homes=known, token_hint=routed_token_hint(fg, patterns, _rows_hint(ctx, fg, patterns)))
+                          fixed_homes=known, token_hint=routed_token_hint(fg, patterns, _rows_hint(ctx, fg, patterns)),
+                          staging_slot_bytes=slot, staging_slots=STAGING_SLOTS)
+    plan.hybrid_layers = [L.layer for L in layers]
     rep = records.GraphReport(kind="inference", graph=fg)
     rep.placement, rep.patterns = plan, patterns
     rep.ledger = homes          # planning only: the reports keep the model's ledger alive between its graphs
     if not plan.per_call:           # homes are this graph's for good: claim them now (never over budget)
+        if plan.staging_slots and not homes.claim_extra(plan.staging_bytes):
+            raise PlacementError("fusebackend: option 'gpu_memory_budget' (%d bytes) cannot hold the %d streaming "
+                                 "buffers of %d bytes after the graphs compiled before it"
+                                 % (homes.budget, plan.staging_slots, plan.staging_bytes // plan.staging_slots))
         for w, t in zip(names, ctx["weights"]):
             if homes.claim(t, plan.input_homes[w]) != plan.input_homes[w]:
                 raise PlacementError("fusebackend: option 'gpu_memory_budget' (%d bytes) cannot hold weight "
                                      "%s after the graphs compiled before it" % (homes.budget, fg.input_labels[w]))
+    bindings = _hybrid(fg, layers, plan, homes, profile, ctx["plan_only"])
     variants = _variants(gm, fg, plan, patterns, names)
     if ctx["plan_only"]:
         groups, batches = plan_groups(variants[next(iter(variants))][0], opts.max_group_nodes)
@@ -125,9 +149,30 @@ def _compile_graph(ctx, gm, example_inputs):
             rep.graph, rep.groups, rep.batches = vfg, groups, batches
     program = PlacedProgram(built, _chooser(plan, patterns, profile, homes, names, fg), homes,
                             [fg.inputs.index(w) for w in names], plan)
+    program.moe_bindings = bindings      # the handlers of its moe_experts ops live as long as it does
+    rep.moe = homes.moe if bindings else None
     rep.program = built[next(iter(built))][0]
     records.record(rep, opts)
     return program
+
+
+def _hybrid(fg, layers, plan, homes, profile, plan_only):
+    """Each complete MoE layer becomes one moe_experts op bound to a hybrid layer of the model."""
+    if not layers:
+        return []
+    if not plan_only and getattr(homes, "moe", None) is None:
+        from ..runtime.placed_moe import ModelMoE
+        homes.moe = ModelMoE(profile, plan.staging_slots)
+    out = []
+    for layer in layers:
+        key = next(_MOE_KEYS)
+        resident = [e for e, trio in enumerate(layer.expert_weights)
+                    if all(plan.input_homes.get(u.input) == "gpu" for u in trio)]
+        rewrite_layer(fg, layer, key)
+        if not plan_only:
+            from ..runtime.placed_moe import bind
+            out.append(bind(homes.moe, key, resident))
+    return out
 
 
 def _rows_hint(ctx, fg, patterns):
@@ -146,6 +191,8 @@ def _slots(fg, names, plan, mode_of):
     for name in fg.inputs:
         if name not in names:
             out.append("activation")
+        elif fg.users(name) and all(fg.node(u).target is MOE_OP for u in fg.users(name)):
+            out.append("other")        # the hybrid layer homes it (pinned, or its own resident copy)
         elif name not in owned or plan.input_homes.get(name) == "gpu":
             out.append("resident")
         else:
@@ -169,6 +216,8 @@ def _variants(gm, fg, plan, patterns, names) -> dict:
                              ["host" if n in expert.weights else s for n, s in zip(fg.inputs, gpu_slots)]),
                 "cpu": (cpu_fg, ["host" if n in expert.weights else s for n, s in zip(fg.inputs, gpu_slots)])}
     for s in plan.subgraphs:
+        if not all(n in fg.g for n in s.nodes):
+            continue                   # rewritten into a hybrid MoE op
         if s.mode == "cpu":
             place_on_cpu(fg, s.nodes, [w for w in s.weights if _only_read_by(fg, w, s.nodes)])
         elif s.mode == "streamed":

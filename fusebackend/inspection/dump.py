@@ -180,6 +180,10 @@ def graph_data(rep, index: int = 0) -> dict:
         data["placement_table"] = format_plan(plan).splitlines()
         if getattr(rep, "patterns", None) is not None:
             data["patterns"] = rep.patterns.describe().splitlines()
+        from .moe_trace import trace_rows
+        rows = trace_rows(getattr(rep, "moe", None))
+        if rows:
+            data["moe_trace"] = rows
     return data
 
 

@@ -86,6 +86,9 @@ def render_text(data: dict, sources: bool = False) -> str:
     if data.get("placement_table"):
         out.append("")
         out += data["placement_table"]
+    if data.get("moe_trace"):
+        from .moe_trace import format_trace
+        out += format_trace(data["moe_trace"]).splitlines()
     out.append("")
     if data["fallbacks"]:
         out.append("fallbacks (%d):" % len(data["fallbacks"]))

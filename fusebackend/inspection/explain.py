@@ -1,6 +1,7 @@
 """fusebackend.explain(fn, *args, **kwargs): compile fn with the fuse backend, run it once, report."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,7 @@ class Report:
     sources: list = field(default_factory=list)
     graph_reports: list = field(default_factory=list)
     placements: list = field(default_factory=list)   # PlacementPlan of each placed graph (gpu_memory_budget)
+    moe_trace: list = field(default_factory=list)    # hybrid MoE layers' per-call decisions (inspection/moe_trace)
 
     def __str__(self):
         lines = ["fusebackend report: %d graph(s), %d fused kernel(s), %d ATen call(s), %d view(s) per call"
@@ -34,6 +36,9 @@ class Report:
             if getattr(r, "placement", None) is not None:
                 from ..passes.placement import format_plan
                 lines += ["  " + l for l in format_plan(r.placement).splitlines()]
+        if self.moe_trace:
+            from .moe_trace import format_trace
+            lines.append(format_trace(self.moe_trace))
         if self.fallbacks:
             lines.append("fallbacks:")
             lines += ["  %s: %s" % (op, reason.splitlines()[0]) for op, reason in self.fallbacks]
@@ -43,11 +48,25 @@ class Report:
 def explain(fn, *args, options=None, **kwargs) -> Report:
     """Compile `fn` with backend="fuse" (Dynamo state is reset first), call it once on args, report."""
     from ..capture.backend import fuse
+    from .moe_trace import trace_rows
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend=fuse, options=options) if options else torch.compile(fn, backend=fuse)
-    with report_mod.collect() as reps:
-        compiled(*args, **kwargs)
+    own = "FUSEBACKEND_MOE_TRACE" not in os.environ       # hybrid MoE layers record their decisions
+    if own:
+        os.environ["FUSEBACKEND_MOE_TRACE"] = "16"
+    try:
+        with report_mod.collect() as reps:
+            compiled(*args, **kwargs)
+    finally:
+        if own:
+            os.environ.pop("FUSEBACKEND_MOE_TRACE", None)
     rep = Report(graph_reports=list(reps), num_graphs=len(reps))
+    seen = set()
+    for r in reps:
+        moe = getattr(r, "moe", None)
+        if moe is not None and id(moe) not in seen:
+            seen.add(id(moe))
+            rep.moe_trace += trace_rows(moe)
     for r in reps:
         if r.kind == "backward":
             continue

@@ -45,10 +45,13 @@ class PlacementPlan:
     subgraphs: list = field(default_factory=list)
     profile_name: str = ""
     per_call: bool = False                # one candidate whose weights change per call: homes chosen at run time
+    staging_slots: int = 0                # expert-sized GPU buffers reserved for streaming (hybrid layers)
+    staging_bytes: int = 0
+    hybrid_layers: list = field(default_factory=list)   # MoE layers whose experts are scheduled per call
 
     @property
     def resident_bytes(self) -> int:
-        return self.fixed_bytes + self.placed_resident_bytes
+        return self.fixed_bytes + self.placed_resident_bytes + self.staging_bytes
 
     def predicted_step_ms(self) -> float:
         """Sum of each subgraph's time in its mode (the simple, serial execution of this issue)."""
@@ -92,12 +95,15 @@ def best_offloaded(modes: dict) -> str:
 
 def plan_placement(fg, patterns, profile, budget_bytes: int, weight_inputs, weight_bytes: dict,
                    already_resident: int = 0, popularity: Optional[dict] = None,
-                   token_hint: Optional[int] = None, fixed_homes: Optional[dict] = None) -> PlacementPlan:
+                   token_hint: Optional[int] = None, fixed_homes: Optional[dict] = None,
+                   staging_slot_bytes: int = 0, staging_slots: int = 2) -> PlacementPlan:
     """Homes for `weight_inputs` (placeholder names; `weight_bytes` gives each one's size) of this graph.
 
     already_resident: bytes other graphs of the same model already hold on the GPU. fixed_homes: weights
     whose home an earlier graph chose (a weight shared by graphs keeps one home). popularity:
-    {layer: [share per expert]}; uniform when None."""
+    {layer: [share per expert]}; uniform when None. staging_slot_bytes: one expert's bytes, when the hybrid
+    runtime will stream experts (0: nothing to reserve): if the experts do not all fit, up to `staging_slots`
+    such buffers come out of the budget first (fewer if it cannot hold them; none below one)."""
     fixed_homes = dict(fixed_homes or {})
     weight_inputs = [w for w in fg.inputs if w in set(weight_inputs)]
     owned = {w for c in patterns.experts for w in _weights(c)}
@@ -114,6 +120,12 @@ def plan_placement(fg, patterns, profile, budget_bytes: int, weight_inputs, weig
             "(embeddings, attention, norms, routers: everything but the experts) need at least %s%s"
             % (_mib(budget_bytes), _mib(budget_bytes - left),
                " (%s of it held by earlier graphs)" % _mib(already_resident) if already_resident else ""))
+    staged, staging = 0, 0
+    expert_bytes = sum(weight_bytes[w] for w in owned if fixed_homes.get(w) != "gpu")
+    if staging_slot_bytes > 0 and expert_bytes > left:
+        staged = max(0, min(staging_slots, left // staging_slot_bytes))
+        staging = staged * staging_slot_bytes
+        left -= staging
     # the whole graph is one expert FFN that Dynamo compiled once for every expert: weights arrive per call
     per_call = len(patterns.experts) == 1 and patterns.experts[0].form == "graph"
     rows, ranked = [], []
@@ -150,7 +162,8 @@ def plan_placement(fg, patterns, profile, budget_bytes: int, weight_inputs, weig
     for a in patterns.attention:
         rows.append(_attention_row(profile, a, token_hint))
     rows.sort(key=lambda r: r.name)
-    return PlacementPlan(budget_bytes, fixed, placed, homes, rows, getattr(profile, "name", ""), per_call)
+    return PlacementPlan(budget_bytes, fixed, placed, homes, rows, getattr(profile, "name", ""), per_call,
+                         staged, staging)
 
 
 def _units(experts) -> list:
@@ -196,10 +209,11 @@ def _attention_row(profile, a, hint) -> PlacedSubgraph:
 
 def format_plan(plan: PlacementPlan) -> str:
     """The placement table `explain` and `fusebackend dump` print."""
-    lines = ["placement: budget %s, must stay on the GPU %s, experts resident %s (profile %s)%s"
+    lines = ["placement: budget %s, must stay on the GPU %s, experts resident %s%s (profile %s)%s"
              % (_mib(plan.budget_bytes), _mib(plan.fixed_bytes), _mib(plan.placed_resident_bytes),
-                plan.profile_name, "; homes chosen per call (one graph serves every expert)" if plan.per_call
-                else "")]
+                ", streaming buffers %d x %s" % (plan.staging_slots, _mib(plan.staging_bytes // plan.staging_slots))
+                if plan.staging_slots else "", plan.profile_name,
+                "; homes chosen per call (one graph serves every expert)" if plan.per_call else "")]
     if not plan.subgraphs:
         lines.append("  no MoE expert or attention subgraph found: every weight is resident")
         return "\n".join(lines)
@@ -212,4 +226,7 @@ def format_plan(plan: PlacementPlan) -> str:
                      % (s.name, s.kind, _mib(s.bytes), s.home, s.device, s.mode, s.tokens, p["resident"],
                         p["streamed"], p["cpu"]))
     lines.append("  predicted time of the placed subgraphs per call: %.3f ms" % plan.predicted_step_ms())
+    for layer in plan.hybrid_layers:
+        lines.append("  layer%d: one hybrid op; its host experts go to the CPU or the link per call, by their token "
+                     "counts (mode above: the average call's)" % layer)
     return "\n".join(lines)

@@ -35,6 +35,15 @@ class WeightHomes:
         self.pinned = {}           # weight key -> (version, the weight in pinned memory: itself or a copy)
         self.resident_bytes = 0    # bytes of weights given a GPU home (whether copied yet or not)
         self.lock = threading.Lock()
+        self.moe = None            # runtime/placed_moe.ModelMoE: the model's hybrid MoE layers, if any
+
+    def claim_extra(self, nbytes: int) -> bool:
+        """Reserve GPU bytes that are not a weight (the hybrid layers' streaming buffers), if the budget has them."""
+        with self.lock:
+            if self.resident_bytes + nbytes > self.budget:
+                return False
+            self.resident_bytes += nbytes
+            return True
 
     def claim(self, t: torch.Tensor, want: str) -> str:
         """The home of weight t: its known home, else `want` ("gpu" only while the budget has room)."""

@@ -1,0 +1,104 @@
+"""The `fusebackend::moe_experts` ops of a placed model, bound to hybrid CPU/GPU MoE layers.
+
+The placement pass rewrote each complete MoE layer into one op (passes/placement_moe.py); here each op's key
+gets a HybridMoELayer (runtime/hybrid_moe.py), made on the op's first call from the expert weights that call
+passes (the user's host tensors, pinned in place). Its resident experts are the ones the plan gave a GPU home;
+the rest are scheduled per call between the CPU worker and the copy stream by the cost model. One staging pool
+(the budget's reserve for streaming) and one cost correction serve every layer of the model, and while a
+layer waits for its CPU experts the link prefetches the next layer's likely experts.
+
+FUSEBACKEND_MOE_TRACE=N keeps the last N calls' decisions per layer (explain and `dump` print them).
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+from ..graph.moe_op import HANDLERS
+from .cost_correction import CostCorrection
+from .cpu_worker import CudaApi, StagingPool
+from .hybrid_moe import HybridMoELayer
+
+
+def trace_cap() -> int:
+    try:
+        return max(0, int(os.environ.get("FUSEBACKEND_MOE_TRACE", "0")))
+    except ValueError:
+        return 0
+
+
+class ModelMoE:
+    """Every hybrid MoE layer of one compiled model (held by its weight ledger), in first-call order."""
+
+    def __init__(self, profile, staging_slots: int):
+        self.profile, self.staging_slots = profile, staging_slots
+        self.layers = []                   # _Binding, in the order their layers first ran
+        self.pools = {}                    # (H, F, dtype) -> StagingPool shared by the model's layers
+        self.correction = CostCorrection()
+        self.lock = threading.Lock()
+        self.api = None
+
+    def pool(self, hidden, ffn, dtype):
+        if not self.staging_slots:
+            return None
+        key = (hidden, ffn, dtype)
+        if key not in self.pools:
+            self.pools[key] = StagingPool(self.api, hidden, ffn, dtype, self.staging_slots)
+        return self.pools[key]
+
+    def after(self, binding):
+        """The prefetch hook of `binding`'s calls: the next layer's likely experts, while this one waits."""
+        i = self.layers.index(binding) if binding in self.layers else -1
+        nxt = self.layers[i + 1].layer if 0 <= i < len(self.layers) - 1 else None
+        if nxt is None or nxt.pool is None:
+            return None
+        return lambda: nxt.prefetch(nxt.likely(len(nxt.pool.bufs)))
+
+    def traces(self) -> list:
+        return [(b.key, b.layer.collect_trace()) for b in self.layers if b.layer is not None and b.layer.tracing]
+
+
+class _Binding:
+    """The handler of one moe_experts key: builds its HybridMoELayer on the first call."""
+
+    def __init__(self, model: ModelMoE, key: int, resident):
+        self.model, self.key, self.resident = model, key, list(resident)
+        self.layer, self.ident = None, None
+
+    def forward(self, hidden, idx, weights, experts):
+        ident = tuple(t.data_ptr() for t in experts[:1])
+        if self.layer is None or ident != self.ident:
+            self._build(hidden, experts, ident)
+        hook = self.model.after(self)
+        return self.layer.forward(hidden, idx, weights.reshape(idx.shape), after_issue=hook)
+
+    def _build(self, hidden, experts, ident):
+        m = self.model
+        with m.lock:
+            if m.api is None:
+                m.api = CudaApi(hidden.device)
+            trios = [tuple(experts[3 * e:3 * e + 3]) for e in range(len(experts) // 3)]
+            ffn, h = trios[0][0].shape
+            cap = trace_cap()
+            if self.layer is not None:
+                self.layer.close()
+            pool = m.pool(h, ffn, trios[0][0].dtype)
+            self.layer = HybridMoELayer(trios, resident=self.resident, profile=m.profile, api=m.api,
+                                        staging=pool, staging_slots=0, scheduler=None if pool else _cpu_only,
+                                        correction=m.correction, trace=bool(cap), trace_cap=cap or 1024)
+            self.ident = ident
+            if self not in m.layers:
+                m.layers.append(self)
+
+
+def bind(model: ModelMoE, key: int, resident) -> _Binding:
+    """Install the handler of op key `key`; the caller keeps the returned binding alive (HANDLERS is weak)."""
+    b = _Binding(model, key, resident)
+    HANDLERS[key] = b
+    return b
+
+
+def _cpu_only(profile, experts, hidden, ffn, dtype, allow_split=False):
+    """The scheduler of a layer with no staging room (the budget held none): the link is never chosen."""
+    from ..passes.cost_schedule import schedule_experts
+    return schedule_experts(profile.replace(h2d_bw=1.0), experts, hidden, ffn, dtype, allow_split=False)

@@ -1,0 +1,126 @@
+"""Whole MoE layers found (passes/pattern_moe_layer.py) and rewritten into one moe_experts op
+(passes/placement_moe.py), run through the normal CPU pipeline with the op's reference formula, against eager."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.backends.common import aot_autograd
+
+from fusebackend.capture import decompositions, records
+from fusebackend.capture.kernels import build_kernels
+from fusebackend.graph import lower
+from fusebackend.graph.moe_op import OP, reference_moe
+from fusebackend.options import FuseOptions
+from fusebackend.passes import plan_groups
+from fusebackend.passes.pattern_moe_layer import find_moe_layers
+from fusebackend.passes.patterns import find_patterns
+from fusebackend.passes.placement_moe import rewrite_layer
+from fusebackend.runtime import build_program
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models.mixtral import MoEConfig, SparseMoE  # noqa: E402
+
+
+def _compile(model, x, seen, rewrite=True):
+    """torch.compile through AOT with fuse's decompositions; each graph's layers rewritten, then the usual
+    passes, kernels and program. seen: the graphs' FusionGraphs and layers, for the asserts."""
+    opts = FuseOptions()
+
+    def comp(gm, example_inputs):
+        fg = lower(gm)
+        layers = find_moe_layers(fg, find_patterns(fg))
+        seen.append((fg, layers))
+        if rewrite:
+            for i, layer in enumerate(layers):
+                rewrite_layer(fg, layer, 10_000 + i)
+        rep = records.GraphReport(kind="inference", graph=fg)
+        groups, batches = plan_groups(fg, opts.max_group_nodes)
+        program = build_program(fg, groups, build_kernels(fg, groups, opts, rep), opts, batches)
+
+        def run(args):
+            return program(args)
+        run._boxed_call = True
+        return run
+    torch._dynamo.reset()
+    be = aot_autograd(fw_compiler=comp, inference_compiler=comp, decompositions=decompositions.table(8, False))
+    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        return torch.compile(model, backend=be)(x)
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("experts,top_k", [(4, 2), (8, 2), (6, 3)])
+def test_captured_layer_is_one_op_and_matches_eager(dtype, experts, top_k):
+    torch.manual_seed(experts * 10 + top_k)
+    model = SparseMoE(MoEConfig(2, 7, 32, 48, experts, top_k)).eval().to(dtype)
+    x = torch.randn(2, 7, 32, dtype=dtype)
+    seen = []
+    got = _compile(model, x, seen)
+    (fg, layers), = seen
+    assert len(layers) == 1 and len(layers[0].experts) == experts
+    ops = [n.op_name for n in fg.nodes()]
+    assert ops.count("moe_experts.default") == 1 and not any(o.startswith("nonzero") for o in ops)
+    with torch.no_grad():
+        ref = model(x)
+        ref64 = model.double()(x.double())
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    else:   # half types: within what eager itself shows against float64
+        assert _max_err(got, ref64) <= max(_max_err(ref, ref64), 1e-3) * 1.5
+
+
+class _LeakyMoE(SparseMoE):
+    """The running sum is also returned after the first expert: the layer's intermediate is read outside."""
+
+    def forward(self, hidden_states):
+        b, s, d = hidden_states.shape
+        h = hidden_states.view(-1, d)
+        rw = F.softmax(self.gate(h), dim=1, dtype=torch.float)
+        rw, sel = torch.topk(rw, self.top_k, dim=-1)
+        rw = (rw / rw.sum(dim=-1, keepdim=True)).to(h.dtype)
+        final = torch.zeros_like(h)
+        mask = F.one_hot(sel, num_classes=self.num_experts).permute(2, 1, 0)
+        partial = None
+        for e in range(self.num_experts):
+            idx, top_x = torch.where(mask[e])
+            y = self.experts[e](h[None, top_x].reshape(-1, d)) * rw[top_x, idx, None]
+            final = final.index_add(0, top_x, y)
+            if e == 0:
+                partial = final * 2
+        return final.reshape(b, s, d), partial
+
+
+def test_a_layer_whose_partial_sum_is_read_elsewhere_is_not_rewritten():
+    torch.manual_seed(3)
+    model = _LeakyMoE(MoEConfig(1, 6, 16, 32, 4)).eval()
+    x = torch.randn(1, 6, 16)
+    seen = []
+    got = _compile(model, x, seen)
+    assert all(not layers for _, layers in seen)
+    with torch.no_grad():
+        ref = model(x)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_formula_is_the_routed_sum():
+    torch.manual_seed(0)
+    T, H, Fn, E, k = 9, 8, 12, 5, 2
+    hidden = torch.randn(T, H, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    w = torch.rand(T, k, dtype=torch.float64)
+    ex = [torch.randn(s, dtype=torch.float64) for _ in range(E) for s in ((Fn, H), (Fn, H), (H, Fn))]
+    want = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for j in range(k):
+            g, u, d = ex[3 * idx[t, j]:3 * idx[t, j] + 3]
+            want[t] += w[t, j] * (d @ (F.silu(g @ hidden[t]) * (u @ hidden[t])))
+    torch.testing.assert_close(reference_moe(hidden, idx, w, ex), want)
+    torch.testing.assert_close(OP(hidden, idx, w, ex, 987654), want)      # no handler bound: the formula
