@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine (H200): install, then time-boxed steps; a short table of steps last.
-#   bash bench/device_session.sh A|B      A: GPU tests + placed execution; B: offload, optimizer, fuzz, soak
+#   bash bench/device_session.sh A|B|C|D|E
+#     A: GPU tests + placed execution; B: offload, optimizer, fuzz, soak (2026-12-01)
+#     C: GPU tests, a fresh hardware profile, cost check, offload; D: placed (hybrid vs simple), decode attention,
+#     HF generate, optimizer, per-call overhead; E: GPU fuzz for FUZZ_S seconds (2026-12-02)
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -27,6 +30,26 @@ B)
   have bench/optimizer.py && TAIL=20 step optimizer 170 python3 bench/optimizer.py --device cuda --n 200 \
     --opt adamw --max-s 20
   have bench/fuzz_gpu.py && step fuzz_gpu 120 python3 bench/fuzz_gpu.py --seconds 100 --seed 31 \
+    --log "$OUT/fuzz_gpu.log.txt"
+  ;;
+C)
+  step gpu_tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  TAIL=30 step profile 60 python3 -c "import json; from fusebackend.runtime import hardware as h; \
+p = h.cached_profile(refresh=True); print(json.dumps(p.to_dict(), indent=1))"
+  TAIL=40 step cost_check 150 python3 bench/cost_model_check.py --out "$OUT/cost_model.json"
+  TAIL=70 step offload 240 python3 bench/offload.py --out "$OUT/offload"
+  ;;
+D)
+  TAIL=40 step placed 150 python3 bench/placed.py --tokens 1 16 --out "$OUT/placed.json"
+  have bench/decode_attention.py && TAIL=30 step decode_attention 100 python3 bench/decode_attention.py \
+    --out "$OUT/decode_attention"
+  have bench/hf_generate.py && TAIL=30 step hf_generate 150 python3 bench/hf_generate.py --out "$OUT/hf_generate"
+  have bench/optimizer.py && TAIL=20 step optimizer 100 python3 bench/optimizer.py --device cuda --n 200 \
+    --opt adamw --max-s 15
+  have bench/per_call.py && TAIL=20 step per_call 60 python3 bench/per_call.py --device cuda
+  ;;
+E)
+  step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \
     --log "$OUT/fuzz_gpu.log.txt"
   ;;
 esac

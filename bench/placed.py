@@ -42,6 +42,9 @@ def main():
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
+    ap.add_argument("--executions", nargs="+", default=["hybrid", "simple"],
+                    help="hybrid: a whole MoE layer as one op on the hybrid CPU/GPU runtime; simple: each expert "
+                         "where the plan put it (FUSEBACKEND_HYBRID_MOE=0)")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -60,7 +63,8 @@ def main():
             ref = gpu_model(x.cuda()).float().cpu()
             gpu_ms = timed(lambda v: gpu_model(v), x.cuda())
             cpu_ms = timed(lambda v: model(v), x, reps=2)
-        for share in args.shares:
+        for share, execution in [(s, e) for s in args.shares for e in args.executions]:
+            os.environ["FUSEBACKEND_HYBRID_MOE"] = "1" if execution == "hybrid" else "0"
             budget = fixed + int(share * expert_bytes)
             torch._dynamo.reset()
             with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), \
@@ -78,7 +82,7 @@ def main():
             err = ((out.float() - ref).norm() / ref.norm()).item()
             plan = next((r.placement for r in reps if r.placement is not None), None)
             modes = sorted(s.mode for s in plan.subgraphs) if plan else []
-            row = dict(tokens=tokens, share=share, budget=budget, err=err, ms=ms, eager_gpu_ms=gpu_ms,
+            row = dict(tokens=tokens, share=share, execution=execution, budget=budget, err=err, ms=ms, eager_gpu_ms=gpu_ms,
                        eager_cpu_ms=cpu_ms, compile_s=compile_s, resident_bytes=base, peak_bytes=peak,
                        # above the budget: activations and the one streamed expert in flight
                        over_budget_bytes=peak - budget,
@@ -86,9 +90,9 @@ def main():
                        predicted_ms=plan.predicted_step_ms() if plan else None,
                        warnings=sorted({str(w.message)[:120] for w in caught if "fusebackend" in str(w.message)}))
             rows.append(row)
-            print("tokens %3d budget %4.0f%% of experts: err %.1e  fuse %8.3f ms (pred %s)  eager-gpu %.3f  "
+            print("%-6s tokens %3d budget %4.0f%% of experts: err %.1e  fuse %8.3f ms (pred %s)  eager-gpu %.3f  "
                   "eager-cpu %.3f  peak %.2f GB / budget %.2f GB (resident %.2f)  %s%s"
-                  % (tokens, share * 100, err, ms, "%.3f" % row["predicted_ms"] if plan else "-", gpu_ms, cpu_ms,
+                  % (execution, tokens, share * 100, err, ms, "%.3f" % row["predicted_ms"] if plan else "-", gpu_ms, cpu_ms,
                      peak / 1e9, budget / 1e9, base / 1e9, row["modes"],
                      "  warnings: %s" % row["warnings"] if row["warnings"] else ""), flush=True)
             del compiled
