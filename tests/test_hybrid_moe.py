@@ -357,3 +357,22 @@ def test_likely_offers_only_experts_worth_prefetching():
     assert layer.likely(1, tokens=1) == []                           # expert 2 is routed ~1 call in 4
     assert layer.likely(1, tokens=4) == [2] and layer.likely(2, tokens=64) == [2, 3]
     assert layer.likely(1, tokens=1, min_prob=0.0) == [2]            # the old behaviour on request
+
+
+@pytest.mark.gpu
+def test_a_pinned_copy_follows_its_weight_and_keeps_its_address_taken():
+    from fusebackend.runtime.cpu_worker import PINS
+    buf = torch.randn(2048)                      # two weights in one page: the second cannot register in place
+    a, b = buf[:1024].clone(), None
+    a_pin = PINS.pin(a)
+    b = torch.randn(16)                          # small: shares pages with other allocations, often refused
+    b_pin = PINS.pin(b)
+    assert torch.equal(a_pin, a) and torch.equal(b_pin, b)
+    b.add_(1.0)                                  # the weight changes after it was pinned
+    b_again = PINS.pin(b)
+    assert torch.equal(b_again, b), "a pinned copy must be refreshed when its weight's version moved"
+    ptr = b.untyped_storage().data_ptr()
+    del b, b_pin, b_again                        # the registry still holds the storage: no other tensor gets it
+    others = [torch.randn(16) for _ in range(64)]
+    assert all(o.untyped_storage().data_ptr() != ptr for o in others)
+    PINS.release(a)

@@ -60,11 +60,16 @@ def expert_ffn(x, gate, up, down, out=None):
 
 
 class _PinRegistry:
-    """One pinned home per host storage however many layers share it (shared experts are pinned once)."""
+    """One pinned home per host storage however many layers share it (shared experts are pinned once).
+
+    An entry holds the storage itself, so its address cannot be reused by another tensor while the entry lives
+    (a pinned copy found by the address of a freed weight would be another weight's values). A pinned copy
+    (registration refused) is refreshed when the tensor's version moved since it was taken."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.entries = {}           # storage data_ptr -> [pinned base (uint8 tensor), registered by us, refs]
+        self.entries = {}           # storage data_ptr -> [pinned base (uint8), registered by us, refs, original
+                                    #                      (uint8 view of the storage), version copied]
         self.ranges = []            # (first page, end page) of every range registered in place
 
     def pin(self, t):
@@ -73,7 +78,8 @@ class _PinRegistry:
         with self.lock:
             ent = self.entries.get(ptr)
             if ent is None:
-                base, ours = torch.empty(0, dtype=torch.uint8).set_(st), False
+                orig = torch.empty(0, dtype=torch.uint8).set_(st)
+                base, ours = orig, False
                 if not t.is_pinned():                   # already page-locked memory is used as is
                     # CUDA registers whole pages: a storage sharing a page with a registered one is refused
                     # (and the refusal would linger as CUDA's last error), so it gets a copy instead
@@ -83,9 +89,12 @@ class _PinRegistry:
                     if code == 0:
                         self.ranges.append(pages)
                     if code is None:
-                        base = base.pin_memory()        # registration refused: one pinned copy, not more
+                        base = orig.pin_memory()        # registration refused: one pinned copy, not more
                     ours = code == 0                    # ours to unregister only if we registered it
-                ent = self.entries[ptr] = [base, ours, 0]
+                ent = self.entries[ptr] = [base, ours, 0, orig, t._version]
+            elif ent[0].data_ptr() != ptr and ent[4] != t._version:
+                ent[0].copy_(ent[3])                    # the weight changed since its copy was taken
+                ent[4] = t._version
             ent[2] += 1
         bst = ent[0].untyped_storage()
         if bst.data_ptr() == ptr:
@@ -104,6 +113,9 @@ class _PinRegistry:
                 del self.entries[ptr]
                 if ent[1]:
                     torch.cuda.cudart().cudaHostUnregister(ptr)
+                    pages = (ptr // _PAGE, -(-(ptr + ent[3].numel()) // _PAGE))
+                    if pages in self.ranges:
+                        self.ranges.remove(pages)
 
 
 def _register(ptr, nbytes):

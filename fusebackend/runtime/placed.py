@@ -14,6 +14,7 @@ breaks and a weight read by two graphs has one home and one resident copy.
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 
@@ -36,6 +37,8 @@ class WeightHomes:
         self.resident_bytes = 0    # bytes of weights given a GPU home (whether copied yet or not)
         self.lock = threading.Lock()
         self.moe = None            # runtime/placed_moe.ModelMoE: the model's hybrid MoE layers, if any
+        self._pins = []            # the tensors this ledger pinned: released (unpinned, let go) with it
+        weakref.finalize(self, _release_all, self._pins)
 
     def claim_extra(self, nbytes: int) -> bool:
         """Reserve GPU bytes that are not a weight (the hybrid layers' streaming buffers), if the budget has them."""
@@ -83,7 +86,12 @@ class WeightHomes:
         have = self.pinned.get(key)
         if have is not None and have[0] == t._version:
             return have[1]
-        pinned = PINS.pin(t.detach())
+        if have is None:
+            self._pins.append(t.detach())
+            pinned = PINS.pin(self._pins[-1])
+        else:                      # changed since: the registry refreshes its copy (one reference per weight)
+            pinned = PINS.pin(t.detach())
+            PINS.release(t.detach())
         self.pinned[key] = (t._version, pinned)
         return pinned
 
@@ -135,3 +143,9 @@ class PlacedProgram:
         if back is None:
             return outs
         return [o.to(back) if isinstance(o, torch.Tensor) and o.device.type == "cuda" else o for o in outs]
+
+
+def _release_all(tensors):
+    for t in tensors:
+        PINS.release(t)
+    tensors.clear()

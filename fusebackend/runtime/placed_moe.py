@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 
 from ..graph.moe_op import HANDLERS
 from .cost_correction import CostCorrection
@@ -87,6 +88,8 @@ class _Binding:
                                         staging=pool, staging_slots=0, scheduler=None if pool else _cpu_only,
                                         correction=m.correction, trace=bool(cap), trace_cap=cap or 1024)
             self.ident = ident
+            # its pinned homes are released with the binding (the compiled program's lifetime)
+            weakref.finalize(self, self.layer.close)
             if self not in m.layers:
                 m.layers.append(self)
 
