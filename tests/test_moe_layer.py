@@ -124,3 +124,21 @@ def test_reference_formula_is_the_routed_sum():
             want[t] += w[t, j] * (d @ (F.silu(g @ hidden[t]) * (u @ hidden[t])))
     torch.testing.assert_close(reference_moe(hidden, idx, w, ex), want)
     torch.testing.assert_close(OP(hidden, idx, w, ex, 987654), want)      # no handler bound: the formula
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_hf_grouped_layers_become_one_op_each_and_match_eager(family):
+    pytest.importorskip("transformers")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "targets"))
+    import hf_moe_tiny
+    model, (ids,) = getattr(hf_moe_tiny, family)()
+    seen = []
+    got = _compile(model, ids, seen)
+    layers = [L for _, ls in seen for L in ls]
+    assert len(layers) == 2 and all(L.layout == 1 and len(L.experts) == 4 for L in layers)
+    for fg, _ in seen:
+        ops = [n.op_name for n in fg.nodes()]
+        assert ops.count("moe_experts.default") == 2 and not any("grouped" in o for o in ops), ops
+    with torch.no_grad():
+        ref = model(ids)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -112,20 +112,22 @@ def _compile_graph(ctx, gm, example_inputs):
     sizes = {w: fg.node(w).meta.numel * fg.node(w).meta.dtype.itemsize for w in names}
     known = {w: homes.home_of(t) for w, t in zip(names, ctx["weights"]) if homes.home_of(t)}
     layers = find_moe_layers(fg, patterns) if _hybrid_wanted() else []
-    layers = [L for L in layers if all(u.expert_index is None for t in L.expert_weights for u in t)]
     held = getattr(homes, "moe", None)
     slot = 0 if not layers or (held is not None and held.staging_slots) else max(
-        sum(u.bytes for u in t) for L in layers for t in L.expert_weights)
+        c.weight_bytes for L in layers for c in L.experts)
     plan = plan_placement(fg, patterns, profile, homes.budget, names, sizes,
                           already_resident=homes.resident_bytes, popularity=opts.routing_profile,
                           fixed_homes=known, token_hint=routed_token_hint(fg, patterns, _rows_hint(ctx, fg, patterns)),
-                          staging_slot_bytes=slot, staging_slots=STAGING_SLOTS)
+                          staging_slot_bytes=slot, staging_slots=STAGING_SLOTS,
+                          sliced_layers=[L.layer for L in layers if L.layout == 1])
     plan.hybrid_layers = [L.layer for L in layers]
     rep = records.GraphReport(kind="inference", graph=fg)
     rep.placement, rep.patterns = plan, patterns
     rep.ledger = homes          # planning only: the reports keep the model's ledger alive between its graphs
     if not plan.per_call:           # homes are this graph's for good: claim them now (never over budget)
-        if plan.staging_slots and not homes.claim_extra(plan.staging_bytes):
+        names_gpu = _expert_names(plan.expert_homes)      # resident slices of 3-D weights: the layer's copies
+        sliced = sum(s.bytes for s in plan.subgraphs if s.home == "gpu" and s.name in names_gpu)
+        if (plan.staging_slots or sliced) and not homes.claim_extra(plan.staging_bytes + sliced):
             raise PlacementError("fusebackend: option 'gpu_memory_budget' (%d bytes) cannot hold the %d streaming "
                                  "buffers of %d bytes after the graphs compiled before it"
                                  % (homes.budget, plan.staging_slots, plan.staging_bytes // plan.staging_slots))
@@ -166,13 +168,24 @@ def _hybrid(fg, layers, plan, homes, profile, plan_only):
     out = []
     for layer in layers:
         key = next(_MOE_KEYS)
-        resident = [e for e, trio in enumerate(layer.expert_weights)
-                    if all(plan.input_homes.get(u.input) == "gpu" for u in trio)]
+        resident = _resident_experts(layer, plan)
         rewrite_layer(fg, layer, key)
         if not plan_only:
             from ..runtime.placed_moe import bind
             out.append(bind(homes.moe, key, resident))
     return out
+
+
+def _expert_names(expert_homes) -> set:
+    return {"layer%d.expert%d" % k for k, h in expert_homes.items() if h == "gpu"}
+
+
+def _resident_experts(layer, plan) -> list:
+    """Expert ids whose weights the plan homed on the GPU (3-D weights: each expert's slice on its own)."""
+    if layer.layout == 1:
+        return [c.expert for c in layer.experts if plan.expert_homes.get((layer.layer, c.expert)) == "gpu"]
+    return [e for e, trio in enumerate(layer.expert_weights)
+            if all(plan.input_homes.get(u.input) == "gpu" for u in trio)]
 
 
 def _rows_hint(ctx, fg, patterns):

@@ -11,6 +11,12 @@ loop form of HF Mixtral / the zoo's mixtral_moe_captured, after AOT:
     acc  = index_put(acc, [tok], y_e * w_e, accumulate=True)   (or index_add(acc, 0, tok, ...)); acc0 = zeros
     out  = the last acc
 
+and the grouped form of HF 5.x (`grouped_mm` experts over one 3-D gate_up and one down parameter):
+
+    perm = sort(idx.view(-1))[1];  x_s = index(hidden, [perm // k]);  w_s = index(W.view(-1), [perm])
+    y_s  = grouped_mm(silu(gate) * up of grouped_mm(x_s, gate_up^T, offsets), down^T, offsets) * w_s[:, None]
+    out  = sum(index(y_s, [inverse perm]).view(T, k, H), 1)
+
 A layer is reported only when all of it is there: every expert of the router in the loop form with separate
 gate / up / down weights (whole 2-D inputs, or one expert's slice of a 3-D one), one W for all, one chain of
 scatter-adds from a zero tensor, nothing else reading its intermediate sums. Anything else: not a layer (the
@@ -39,7 +45,8 @@ class MoELayer:
     output: str                 # the last scatter-add: the layer's result [T, H]
     init: str                   # the zero tensor the sum starts from
     experts: tuple              # ExpertCandidate per expert id 0..E-1
-    expert_weights: tuple       # ((gate, up, down) WeightUse) per expert id
+    expert_weights: tuple       # layout 0: ((gate, up, down) WeightUse) per expert id; 1: ((gate_up, down),)
+    layout: int = 0             # 1: one 3-D gate_up [E, 2F, H] and down [E, H, F] parameter (HF 5.x grouped_mm)
 
 
 def _through(fg, name: str) -> str:
@@ -155,12 +162,90 @@ def _layer(fg: FusionGraph, router, experts) -> Optional[MoELayer]:
                     tuple(ws))
 
 
+def _grouped_layer(fg: FusionGraph, router, experts) -> Optional[MoELayer]:
+    mine = [c for c in experts if c.router == router.topk and c.kind == "routed" and c.form == "grouped"]
+    if not mine or len(mine) != router.experts or len({c.nodes for c in mine}) != 1:
+        return None
+    c = mine[0]
+    by_role = {w.role: w for w in c.weights}
+    if set(by_role) != {"gate_up", "down"} or len(c.weights) != 2:
+        return None
+    gu, dn = by_role["gate_up"], by_role["down"]
+    gum, dnm = meta(fg, gu.input), meta(fg, dn.input)
+    E, H, Fn = router.experts, c.hidden, c.ffn
+    if tuple(gum.shape) != (E, 2 * Fn, H) or tuple(dnm.shape) != (E, H, Fn) or gum.dtype != dnm.dtype:
+        return None
+    if not _gate_first(fg, c, Fn):
+        return None
+    k = router.top_k
+    # the weighted products: y_s * w_s[:, None], w_s = W.view(-1)[perm]
+    end = _through(fg, c.exit)
+    users = fg.users(end)
+    if len(users) != 1 or op(fg, users[0]) != "mul":
+        return None
+    mul = users[0]
+    others = [r for r in tensor_args(fg, mul) if r.name != end]
+    if len(others) != 1:
+        return None
+    ws = _back(fg, others[0])
+    if op(fg, ws.name) != "index" or len(_index_list(fg, ws.name, 1) or []) != 1:
+        return None
+    perm = _index_list(fg, ws.name, 1)[0]
+    if not isinstance(perm, Ref) or perm.item != 1 or op(fg, perm.name) != "sort":
+        return None
+    if _back(fg, tensor_args(fg, perm.name)[0]) != Ref(router.topk, 1):
+        return None
+    w = _back(fg, tensor_args(fg, ws.name)[0], PASS_THROUGH - CASTS)
+    if meta(fg, w) is None or tuple(meta(fg, w).shape) != tuple(meta(fg, Ref(router.topk, 0)).shape):
+        return None
+    # the gather of the tokens: hidden[perm // k]
+    entry = _back(fg, c.entry)
+    gather = _index_list(fg, entry.name, 1) if op(fg, entry.name) == "index" else None
+    if not gather or len(gather) != 1 or op(fg, gather[0].name) != "div" or tensor_args(fg, gather[0].name)[0] != perm:
+        return None
+    if arg(fg, gather[0].name, 1) != k:
+        return None
+    hidden = tensor_args(fg, entry.name)[0]
+    # back in token order, the k terms summed: sum(index(y, [inv]).view(T, k, H), 1)
+    scatter = _through(fg, mul)
+    users = fg.users(scatter)
+    if len(users) != 1 or op(fg, users[0]) != "index":
+        return None
+    back = _through(fg, users[0])
+    users = fg.users(back)
+    if len(users) != 1 or op(fg, users[0]) != "sum" or list(arg(fg, users[0], 1) or []) != [1]:
+        return None
+    out = users[0]
+    hm, om = meta(fg, hidden), meta(fg, out)
+    if hm is None or om is None or tuple(hm.shape) != tuple(om.shape) or hm.rank != 2 or hm.dtype != gum.dtype:
+        return None
+    return MoELayer(router.layer, router.topk, hidden, Ref(router.topk, 1), w, out, "", tuple(mine), ((gu, dn),),
+                    layout=1)
+
+
+def _gate_first(fg, c, ffn) -> bool:
+    """The fused product's first F columns are the gate (they reach the nonlinearity), as from_3d assumes."""
+    for n in c.nodes:
+        if op(fg, n) == "slice" and arg(fg, n, 2) == 0 and arg(fg, n, 3) == ffn:
+            stack, seen = [n], set()
+            while stack:
+                cur = stack.pop()
+                for u in fg.users(cur):
+                    if u in c.nodes and u not in seen:
+                        if op(fg, u) in ("sigmoid", "silu"):
+                            return True
+                        seen.add(u)
+                        if op(fg, u) in PASS_THROUGH:
+                            stack.append(u)
+    return False
+
+
 def find_moe_layers(fg: FusionGraph, patterns: Patterns) -> list:
     """Every complete loop-form MoE layer of the graph (see the module doc), in router order."""
     out = []
     for r in patterns.routers:
         try:
-            layer = _layer(fg, r, patterns.experts)
+            layer = _layer(fg, r, patterns.experts) or _grouped_layer(fg, r, patterns.experts)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError):
             layer = None
         if layer is not None:

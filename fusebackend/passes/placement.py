@@ -48,6 +48,7 @@ class PlacementPlan:
     staging_slots: int = 0                # expert-sized GPU buffers reserved for streaming (hybrid layers)
     staging_bytes: int = 0
     hybrid_layers: list = field(default_factory=list)   # MoE layers whose experts are scheduled per call
+    expert_homes: dict = field(default_factory=dict)    # (layer, expert) -> home, for sliced 3-D weights
 
     @property
     def resident_bytes(self) -> int:
@@ -96,14 +97,15 @@ def best_offloaded(modes: dict) -> str:
 def plan_placement(fg, patterns, profile, budget_bytes: int, weight_inputs, weight_bytes: dict,
                    already_resident: int = 0, popularity: Optional[dict] = None,
                    token_hint: Optional[int] = None, fixed_homes: Optional[dict] = None,
-                   staging_slot_bytes: int = 0, staging_slots: int = 2) -> PlacementPlan:
+                   staging_slot_bytes: int = 0, staging_slots: int = 2, sliced_layers=()) -> PlacementPlan:
     """Homes for `weight_inputs` (placeholder names; `weight_bytes` gives each one's size) of this graph.
 
     already_resident: bytes other graphs of the same model already hold on the GPU. fixed_homes: weights
     whose home an earlier graph chose (a weight shared by graphs keeps one home). popularity:
     {layer: [share per expert]}; uniform when None. staging_slot_bytes: one expert's bytes, when the hybrid
     runtime will stream experts (0: nothing to reserve): if the experts do not all fit, up to `staging_slots`
-    such buffers come out of the budget first (fewer if it cannot hold them; none below one)."""
+    such buffers come out of the budget first (fewer if it cannot hold them; none below one). sliced_layers:
+    layers whose experts share 3-D weights but are homed one by one (plan.expert_homes[(layer, expert)])."""
     fixed_homes = dict(fixed_homes or {})
     weight_inputs = [w for w in fg.inputs if w in set(weight_inputs)]
     owned = {w for c in patterns.experts for w in _weights(c)}
@@ -129,20 +131,36 @@ def plan_placement(fg, patterns, profile, budget_bytes: int, weight_inputs, weig
     # the whole graph is one expert FFN that Dynamo compiled once for every expert: weights arrive per call
     per_call = len(patterns.experts) == 1 and patterns.experts[0].form == "graph"
     rows, ranked = [], []
-    for unit in _units(patterns.experts):
+    sliced_ids = set(sliced_layers)
+
+    def sliced(c):                   # a routed expert's slice of a sliced layer's 3-D weights
+        return c.layer in sliced_ids and c.kind == "routed" and c.form in ("grouped", "batched")
+    for unit in _units(patterns.experts, sliced):
         c = unit[0]
         tokens = _tokens(c, token_hint)
         # batched/grouped: `tokens` counts every token-expert pair of the layer; each expert sees its share
-        each = [max(1, _tokens(e, token_hint) // len(unit)) for e in unit]
+        per = len(unit) if not sliced(c) else sum(1 for e in patterns.experts if e.nodes == c.nodes)
+        each = [max(1, _tokens(e, token_hint) // per) for e in unit]
+        tokens = tokens if not sliced(c) else each[0]
         modes = _sum_modes([expert_modes(profile, e, t) for e, t in zip(unit, each)])
         share = sum(_share(popularity, e) for e in unit)
         saved = (modes[best_offloaded(modes)] - modes["resident"]) * share
         ws = sorted({w for e in unit for w in _weights(e)})
-        size = sum(weight_bytes[w] for w in ws)
+        size = sum(weight_bytes[w] for w in ws) if not sliced(c) else c.weight_bytes
         ranked.append((saved / max(size, 1), unit, ws, modes, size, tokens))
-    placed = 0
+    placed, expert_homes = 0, {}
+    for w in {w for c in patterns.experts if sliced(c) for w in _weights(c)}:
+        homes[w] = "host"            # the 3-D parameter stays in host memory; resident slices are copies
     for _, unit, ws, modes, size, tokens in sorted(ranked, key=lambda r: -r[0]):
         c = unit[0]
+        if sliced(c):                # one expert's slice of a layer's 3-D weights, homed on its own
+            home = "gpu" if size <= left - placed else "host"
+            placed += size if home == "gpu" else 0
+            expert_homes[(c.layer, c.expert)] = home
+            mode = "resident" if home == "gpu" else best_offloaded(modes)
+            rows.append(PlacedSubgraph(_name(c), "expert", frozenset(c.nodes), tuple(ws), size, home,
+                                       "cpu" if mode == "cpu" else "cuda", mode, tokens, modes))
+            continue
         known = {fixed_homes.get(w) for w in ws} - {None}
         if known:
             home = "gpu" if known == {"gpu"} else "host"
@@ -162,15 +180,21 @@ def plan_placement(fg, patterns, profile, budget_bytes: int, weight_inputs, weig
     for a in patterns.attention:
         rows.append(_attention_row(profile, a, token_hint))
     rows.sort(key=lambda r: r.name)
-    return PlacementPlan(budget_bytes, fixed, placed, homes, rows, getattr(profile, "name", ""), per_call,
+    plan = PlacementPlan(budget_bytes, fixed, placed, homes, rows, getattr(profile, "name", ""), per_call,
                          staged, staging)
+    plan.expert_homes = expert_homes
+    return plan
 
 
-def _units(experts) -> list:
+def _units(experts, sliced=lambda c: False) -> list:
     """Candidates that share one node set (batched or grouped experts of a layer: one bmm reads every
-    expert's slice of a 3-D weight) are placed as one unit; the others one by one."""
+    expert's slice of a 3-D weight) are placed as one unit; the others one by one -- and so are those of the
+    `sliced` layers, whose hybrid op homes each expert's slice on its own."""
     units = {}
     for c in experts:
+        if sliced(c):
+            units[(c.layer, c.expert)] = [c]
+            continue
         units.setdefault(frozenset(c.nodes), []).append(c)
     return list(units.values())
 

@@ -48,12 +48,13 @@ def prune(fg: FusionGraph) -> set:
 def rewrite_layer(fg: FusionGraph, layer: MoELayer, key: int) -> str:
     """Replace `layer` by one moe_experts node (its `layer` argument: `key`); returns the node's name."""
     out = fg.node(layer.output)
-    weights = [Ref(u.input) for trio in layer.expert_weights for u in trio]
-    if any(u.expert_index is not None for trio in layer.expert_weights for u in trio):
-        raise ValueError("moe_experts reads whole 2-D expert weights; layer %d slices a 3-D one" % layer.layer)
+    weights = list(dict.fromkeys(Ref(u.input) for trio in layer.expert_weights for u in trio))
+    if layer.layout == 0 and any(u.expert_index is not None for trio in layer.expert_weights for u in trio):
+        raise ValueError("moe_experts layout 0 reads whole 2-D expert weights; layer %d slices a 3-D one"
+                         % layer.layer)
     name = "moe_experts_layer%d" % layer.layer
-    node = OpNode(name, "opaque", OP, (layer.hidden, layer.idx, layer.weights, weights, key), {}, out.meta,
-                  device=out.device)
+    node = OpNode(name, "opaque", OP, (layer.hidden, layer.idx, layer.weights, weights, key, layer.layout), {},
+                  out.meta, device=out.device)
     node.stack_trace = out.stack_trace
     deps = sorted({layer.hidden.name, layer.idx.name, layer.weights.name} | {w.name for w in weights})
     fg.add(node, deps)

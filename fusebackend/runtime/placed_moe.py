@@ -15,7 +15,7 @@ import os
 import threading
 import weakref
 
-from ..graph.moe_op import HANDLERS
+from ..graph.moe_op import HANDLERS, expert_triples
 from .cost_correction import CostCorrection
 from .cpu_worker import CudaApi, StagingPool
 from .hybrid_moe import HybridMoELayer
@@ -66,19 +66,18 @@ class _Binding:
         self.model, self.key, self.resident = model, key, list(resident)
         self.layer, self.ident = None, None
 
-    def forward(self, hidden, idx, weights, experts):
+    def forward(self, hidden, idx, weights, experts, layout=0):
         ident = tuple(t.data_ptr() for t in experts[:1])
         if self.layer is None or ident != self.ident:
-            self._build(hidden, experts, ident)
+            self._build(hidden, expert_triples(experts, layout), ident)
         hook = self.model.after(self)
         return self.layer.forward(hidden, idx, weights.reshape(idx.shape), after_issue=hook)
 
-    def _build(self, hidden, experts, ident):
+    def _build(self, hidden, trios, ident):
         m = self.model
         with m.lock:
             if m.api is None:
                 m.api = CudaApi(hidden.device)
-            trios = [tuple(experts[3 * e:3 * e + 3]) for e in range(len(experts) // 3)]
             ffn, h = trios[0][0].shape
             cap = trace_cap()
             if self.layer is not None:
