@@ -1,4 +1,4 @@
-"""Tiny random-weight Hugging Face models (GPT-2, Llama, Mixtral, BERT), built from configs, no downloads.
+"""Tiny random-weight Hugging Face models (GPT-2, Llama, Mixtral, Qwen2-MoE, BERT), built from configs, no downloads.
 
 Registered only where `transformers` is installed; transformers itself is imported lazily, when a model is
 built, because importing it takes seconds. Written against transformers 4.4x and 5.x: settings that one
@@ -94,6 +94,20 @@ def _build_mixtral(c: HFConfig) -> nn.Module:
         **_COMMON,
     )
     return TensorOutput(_instantiate(tf.MixtralForCausalLM, config), "logits")
+
+
+def _build_qwen2_moe(c: HFConfig, top_k: int = 2, shared_ffn: int | None = None) -> nn.Module:
+    """Qwen2-MoE: `c.experts` routed experts of width `c.ffn` (top_k per token) plus a gated shared expert of
+    width `shared_ffn` (default 2 * c.ffn); q/k/v with bias, every layer sparse."""
+    tf = _transformers()
+    config = tf.Qwen2MoeConfig(
+        vocab_size=c.vocab, hidden_size=c.dim, intermediate_size=shared_ffn or 2 * c.ffn,
+        moe_intermediate_size=c.ffn, shared_expert_intermediate_size=shared_ffn or 2 * c.ffn,
+        num_hidden_layers=c.layers, num_attention_heads=c.heads, num_key_value_heads=c.kv_heads,
+        max_position_embeddings=c.seq, num_experts=c.experts, num_experts_per_tok=top_k, norm_topk_prob=True,
+        decoder_sparse_step=1, attention_dropout=0.0, **_COMMON,
+    )
+    return TensorOutput(_instantiate(tf.Qwen2MoeForCausalLM, config), "logits")
 
 
 def _build_bert(c: HFConfig) -> nn.Module:

@@ -9,16 +9,22 @@ import torch
 
 from models import hf
 
-# tiny, CPU: 2 layers, 64 wide, GQA for Llama; Mixtral with 4 experts
+# tiny, CPU: 2 layers, 64 wide, GQA for Llama; Mixtral (top-2) and Qwen2-MoE (top-2 + shared) with 4 experts
 CONFIG = hf.HFConfig(batch=2, seq=32, vocab=128, dim=64, layers=2, heads=4, kv_heads=2, ffn=128, experts=4)
-BUILD = {"gpt2": hf._build_gpt2, "llama": hf._build_llama, "mixtral": hf._build_mixtral}
+BUILD = {"gpt2": hf._build_gpt2, "llama": hf._build_llama, "mixtral": hf._build_mixtral,
+         "qwen2_moe": hf._build_qwen2_moe}
 
 
-def model(name: str, seed: int = 0):
+def model(name: str, seed: int = 0, experts: str | None = None):
+    """The HF model (no wrapper); `experts` sets a MoE's experts forward (transformers 5.x: "eager" loop,
+    "grouped_mm"; in fp32 under compile grouped_mm is HF's opaque custom op), None keeps models.hf's."""
     if not hf.available():
         pytest.skip("transformers is not installed")
     torch.manual_seed(seed)
-    return BUILD[name](CONFIG).inner.eval()
+    m = BUILD[name](CONFIG).inner.eval()
+    if experts is not None:
+        m.config._experts_implementation = experts    # read per call by HF's experts dispatch
+    return m
 
 
 def prompt(seed: int, batch: int = 2, length: int = 6, left_pad: int = 0):
