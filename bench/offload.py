@@ -47,6 +47,7 @@ def parse():
     a("--time-limit", type=float, default=290.0), a("--cell-limit", type=float, default=12.0)
     a("--strategies", default=",".join(STRATEGIES)), a("--prefetch", type=int, default=1)
     a("--learn", type=int, default=1, help="fuse learns measured costs (1) or trusts the profile (0)")
+    a("--trace", type=int, default=1, help="fuse records per-call traces (1; its predicted-vs-measured columns)")
     a("--share-experts", action="store_true", help="8 distinct experts reused by every layer (host memory)")
     a("--profile", default=None, help="hardware profile: none = this machine (cached), reference-h200, a JSON")
     a("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 2)), a("--seed", type=int, default=0)
@@ -168,7 +169,8 @@ class Strategy:
             # fuse: one cost correction for every layer (same CPU, same link), learnt from the calls' timings
             corr = CostCorrection() if name == "fuse" else None
             self.layers = [HybridMoELayer(ctx.host[l], resident=sorted(r), profile=prof, scheduler=sched, api=api,
-                                          staging=pool, staging_slots=0, trace=name == "fuse",
+                                          staging=pool, staging_slots=0,
+                                          trace=name == "fuse" and bool(ctx.args.trace),
                                           learn=name == "fuse" and bool(ctx.args.learn), correction=corr)
                            for l, r in enumerate(self.res)]              # one pool of two experts for all layers
 

@@ -5,6 +5,9 @@ import statistics
 def fuse_stats(st, n):
     """fuse's timed MoE calls: cost-model prediction vs the call's events (ms per layer-call), and its choices."""
     tr = [t for lay in st.layers for t in lay.collect_trace()[-n:]]
+    if not tr:                        # --trace 0: no per-call record
+        return dict(pred_ms=None, moe_ms=None, cpu_ms=None, link_ms=None, n_cpu=None, n_streamed=None,
+                    prefetch_hits=None, split_share=None, modes={}, correction=None)
     m = lambda k, f=lambda v: 1e3 * v: statistics.mean(f(t[k]) for t in tr)          # noqa: E731
     modes = [t.get("mode") for t in tr]
     return dict(pred_ms=m("predicted_s", lambda v: 1e3 * (v or 0.0)), moe_ms=m("total_s"), cpu_ms=m("cpu_s"),
