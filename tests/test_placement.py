@@ -54,10 +54,11 @@ def test_captured_layer_places_its_experts_under_every_budget():
         assert plan.resident_bytes <= budget, (share, plan.resident_bytes, budget)
         resident = [s for s in rows if s.home == "gpu"]
         room = int(share * experts) // per_expert
-        # the layer becomes one hybrid op: below the whole layer, up to 2 experts' worth of the budget are
-        # its streaming buffers
-        staged = 0 if room >= 4 else min(2, room)
-        assert plan.staging_slots == staged and plan.staging_bytes == staged * per_expert
+        # the layer becomes one hybrid op: below the whole layer, up to 2 experts' worth of the budget may be
+        # its streaming buffers instead of resident experts, whichever the schedule predicts faster
+        staged = plan.staging_slots
+        assert staged == 0 if room >= 4 else 0 <= staged <= min(2, room)
+        assert plan.staging_bytes == staged * per_expert and plan.hybrid_predicted_ms.get(0, 0) > 0
         assert plan.hybrid_layers == [0]
         assert len(resident) == room - staged, share
         for s in rows:

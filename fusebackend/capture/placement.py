@@ -28,7 +28,7 @@ from ..passes import plan_groups
 from ..passes.hardware_profile import reference_h200
 from ..passes.pattern_moe_layer import find_moe_layers
 from ..passes.patterns import find_patterns
-from ..passes.placement import (PlacementError, best_offloaded, expert_modes, plan_placement,
+from ..passes.placement import (PlacementError, best_offloaded, expert_modes, plan_placement, predict_hybrid,
                                routed_token_hint)
 from ..passes.placement_moe import rewrite_layer
 from ..passes.placement_rewrite import place_on_cpu, stream_weights
@@ -115,12 +115,19 @@ def _compile_graph(ctx, gm, example_inputs):
     held = getattr(homes, "moe", None)
     slot = 0 if not layers or (held is not None and held.staging_slots) else max(
         c.weight_bytes for L in layers for c in L.experts)
-    plan = plan_placement(fg, patterns, profile, homes.budget, names, sizes,
-                          already_resident=homes.resident_bytes, popularity=opts.routing_profile,
-                          fixed_homes=known, token_hint=routed_token_hint(fg, patterns, _rows_hint(ctx, fg, patterns)),
-                          staging_slot_bytes=slot, staging_slots=STAGING_SLOTS,
-                          sliced_layers=[L.layer for L in layers if L.layout == 1])
-    plan.hybrid_layers = [L.layer for L in layers]
+    hint = routed_token_hint(fg, patterns, _rows_hint(ctx, fg, patterns))
+
+    def planned(slots):
+        p = plan_placement(fg, patterns, profile, homes.budget, names, sizes,
+                           already_resident=homes.resident_bytes, popularity=opts.routing_profile,
+                           fixed_homes=known, token_hint=hint, staging_slot_bytes=slot, staging_slots=slots,
+                           sliced_layers=[L.layer for L in layers if L.layout == 1])
+        p.hybrid_layers = [L.layer for L in layers]
+        predict_hybrid(p, patterns, profile)
+        return p
+    # streaming buffers or resident experts: the budget goes to whichever the schedule says is faster
+    candidates = [planned(n) for n in range(STAGING_SLOTS, -1, -1)] if slot else [planned(0)]
+    plan = min(candidates, key=lambda p: sum(p.hybrid_predicted_ms.values()))
     rep = records.GraphReport(kind="inference", graph=fg)
     rep.placement, rep.patterns = plan, patterns
     rep.ledger = homes          # planning only: the reports keep the model's ledger alive between its graphs

@@ -15,6 +15,7 @@ from typing import Optional
 
 from ..options import OptionError
 from .cost_model import attention_cost, expert_cost
+from .cost_schedule import schedule_experts
 
 
 class PlacementError(OptionError):
@@ -49,6 +50,7 @@ class PlacementPlan:
     staging_bytes: int = 0
     hybrid_layers: list = field(default_factory=list)   # MoE layers whose experts are scheduled per call
     expert_homes: dict = field(default_factory=dict)    # (layer, expert) -> home, for sliced 3-D weights
+    hybrid_predicted_ms: dict = field(default_factory=dict)  # layer -> the scheduled (overlapped) layer time
 
     @property
     def resident_bytes(self) -> int:
@@ -251,6 +253,23 @@ def format_plan(plan: PlacementPlan) -> str:
                         p["streamed"], p["cpu"]))
     lines.append("  predicted time of the placed subgraphs per call: %.3f ms" % plan.predicted_step_ms())
     for layer in plan.hybrid_layers:
+        pred = plan.hybrid_predicted_ms.get(layer)
         lines.append("  layer%d: one hybrid op; its host experts go to the CPU or the link per call, by their token "
-                     "counts (mode above: the average call's)" % layer)
+                     "counts (mode above: the average call's)%s" % (
+                         layer, "; at these token counts, scheduled and overlapped: %.3f ms" % pred if pred else ""))
     return "\n".join(lines)
+
+
+def predict_hybrid(plan: PlacementPlan, patterns, profile) -> None:
+    """plan.hybrid_predicted_ms: each hybrid layer's step as the runtime would schedule it at the plan's token
+    counts (cost_schedule.schedule_experts: CPU, link and GPU overlapped), not the serial sum of the table."""
+    for layer in plan.hybrid_layers:
+        mine = [c for c in patterns.experts if c.layer == layer and c.kind == "routed" and c.expert is not None]
+        if not mine:
+            continue
+        rows = {s.name: s for s in plan.subgraphs}
+        experts = [(c.expert, rows[_name(c)].tokens, rows[_name(c)].home == "gpu") for c in mine if _name(c) in rows]
+        if experts:
+            c = mine[0]
+            plan.hybrid_predicted_ms[layer] = 1e3 * schedule_experts(profile, experts, c.hidden, c.ffn,
+                                                                     c.dtype).predicted_s
