@@ -8,12 +8,12 @@ Cases (bf16, random inputs, one warm-up, median of several synchronized wall-clo
               gpu_resident | transfer (pinned -> device) | streamed (transfer, then compute) |
               cpu (x to the host, torch matmuls on the CPU, y back)
   attention   decode, q [b,32,1,128], K/V [b,8,T,128] at (b,T) = (1,8192) (1,32768) (4,32768) (16,8192)
-              (1,131072): gpu_resident | streamed | cpu_matmul (q.K^T, softmax, P.V: reads K/V once, the closest
-              torch gets to the fused kernel the model prices) | cpu_sdpa (torch's CPU SDPA, for reference)
+              (1,131072): gpu_resident | streamed | cpu_fuse (fuse's CPU decode-attention kernel, what the model
+              prices) | cpu_matmul (q.K^T, softmax, P.V in torch) and cpu_sdpa (torch's CPU SDPA), for reference
   contention  a CPU expert at 1 token while another expert streams, against cost_model.overlap_time
 Weights and caches rotate through copies larger than the caches (GPU L2, CPU L3), as real decode steps see them.
 Each prediction is made twice: from runtime.hardware.load_profile() (this machine, measured and cached) and from
-reference_h200(). Error = predicted / measured - 1. cpu_sdpa is reported but left out of the summary.
+reference_h200(). Error = predicted / measured - 1. cpu_matmul and cpu_sdpa are reported but left out of the summary.
 """
 import argparse
 import json
@@ -32,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from fusebackend.passes.cost_model import attention_cost, expert_cost, overlap_time  # noqa: E402
 from fusebackend.passes.hardware_profile import reference_h200  # noqa: E402
 from fusebackend.runtime import hardware  # noqa: E402
+from fusebackend.runtime.cpu_attention import decode_attention  # noqa: E402
 
 BF16 = torch.bfloat16
 GPU_L2 = 60 << 20
@@ -230,7 +231,12 @@ class Check:
             err = ((cpu_matmul().float().cpu() - ref).norm() / ref.norm()).item()
             assert err < 2e-2, "cpu_matmul attention is wrong: rel err %.3g" % err
             self.add("attention", shape, "cpu_matmul", wall(cpu_matmul, self.reps, self.sync),
-                     lambda p: cost(p).cpu_s)
+                     lambda p: cost(p).cpu_s, summary=False)
+
+            def cpu_fuse():                      # fuse's CPU decode-attention kernel: what the model prices
+                k, v = host[next(it) % len(host)]
+                return decode_attention(q.to("cpu"), k, v).to(self.dev)
+            self.add("attention", shape, "cpu_fuse", wall(cpu_fuse, self.reps, self.sync), lambda p: cost(p).cpu_s)
             self.add("attention", shape, "cpu_sdpa", wall(cpu_sdpa, max(2, self.reps // 2), self.sync),
                      lambda p: cost(p).cpu_s, summary=False)
             del kv, host, q
