@@ -69,19 +69,28 @@ def _index_list(fg, name: str, pos: int):
     return list(idx) if isinstance(idx, (list, tuple)) else None
 
 
-def _combine(fg, c, topk: str):
-    """(W Ref, token-index Ref, scatter node, accumulator Ref) of one loop-form expert, or None."""
-    end = _through(fg, c.exit)
+def _weighted(fg, exit_name: str):
+    """(the mul of the expert's result by its gathered routing weights, that gather) or None: the one user of
+    the result (through reshapes and casts) must be a mul whose other operand is an index op."""
+    end = _through(fg, exit_name)
     users = fg.users(end)
     if len(users) != 1 or op(fg, users[0]) != "mul":
         return None
-    mul = users[0]
-    others = [r for r in tensor_args(fg, mul) if r.name != end]
+    others = [r for r in tensor_args(fg, users[0]) if r.name != end]
     if len(others) != 1:
         return None
     gathered = _back(fg, others[0])
     if op(fg, gathered.name) != "index" or gathered.item is not None:
         return None
+    return users[0], gathered
+
+
+def _combine(fg, c, topk: str):
+    """(W Ref, token-index Ref, scatter node, accumulator Ref) of one loop-form expert, or None."""
+    got = _weighted(fg, c.exit)
+    if got is None:
+        return None
+    mul, gathered = got
     # the weights as multiplied: a cast before the gather (W.to(hidden dtype)) stays, as eager rounds there
     w = _back(fg, tensor_args(fg, gathered.name)[0], PASS_THROUGH - CASTS)
     w_meta, topk_meta = meta(fg, w), meta(fg, Ref(topk, 0))
@@ -179,16 +188,11 @@ def _grouped_layer(fg: FusionGraph, router, experts) -> Optional[MoELayer]:
         return None
     k = router.top_k
     # the weighted products: y_s * w_s[:, None], w_s = W.view(-1)[perm]
-    end = _through(fg, c.exit)
-    users = fg.users(end)
-    if len(users) != 1 or op(fg, users[0]) != "mul":
+    got = _weighted(fg, c.exit)
+    if got is None:
         return None
-    mul = users[0]
-    others = [r for r in tensor_args(fg, mul) if r.name != end]
-    if len(others) != 1:
-        return None
-    ws = _back(fg, others[0])
-    if op(fg, ws.name) != "index" or len(_index_list(fg, ws.name, 1) or []) != 1:
+    mul, ws = got
+    if len(_index_list(fg, ws.name, 1) or []) != 1:
         return None
     perm = _index_list(fg, ws.name, 1)[0]
     if not isinstance(perm, Ref) or perm.item != 1 or op(fg, perm.name) != "sort":
