@@ -3,7 +3,8 @@
 #   bash bench/device_session.sh A|B|C|D|E
 #     A: GPU tests + placed execution; B: offload, optimizer, fuzz, soak (2026-12-01)
 #     C: GPU tests, a fresh hardware profile, cost check, offload; D: placed (hybrid vs simple), decode attention,
-#     HF generate, optimizer, per-call overhead; E: GPU fuzz for FUZZ_S seconds (2026-12-02)
+#     HF generate, optimizer, per-call overhead; E: GPU fuzz for FUZZ_S seconds; F: GPU tests + a short placed run
+#     (2026-12-02)
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -47,6 +48,11 @@ D)
   have bench/optimizer.py && TAIL=20 step optimizer 100 python3 bench/optimizer.py --device cuda --n 200 \
     --opt adamw --max-s 15
   have bench/per_call.py && TAIL=20 step per_call 60 python3 bench/per_call.py --device cuda
+  ;;
+F)   # the last few minutes: GPU tests, then the hybrid placed execution briefly
+  step gpu_tests 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  grep -E "passed|failed" "$OUT/gpu_tests.log" | tail -3; grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -20
+  TAIL=12 step placed 100 python3 bench/placed.py --tokens 1 16 --shares 0.25 1.0 --executions hybrid simple
   ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \

@@ -142,3 +142,53 @@ def test_hf_grouped_layers_become_one_op_each_and_match_eager(family):
     with torch.no_grad():
         ref = model(ids)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bound_layers_run_the_hybrid_schedule_and_match_the_formula():
+    """The runtime binding (runtime/placed_moe.py) on the simulated CUDA API of test_hybrid_moe: two layers
+    sharing one staging pool and one correction, the second prefetched while the first runs."""
+    from test_hybrid_moe import SimApi, make_experts
+    from fusebackend.passes.hardware_profile import reference_h200
+    from fusebackend.runtime.placed_moe import ModelMoE, bind
+    torch.manual_seed(1)
+    E, H, Fn, T, k = 6, 32, 48, 5, 2
+    model = ModelMoE(reference_h200(), staging_slots=2)
+    model.api = SimApi()
+    layers = [make_experts(E, H, Fn, torch.float32, seed=s) for s in (0, 1)]
+    flat = [[t for trio in ex for t in trio] for ex in layers]
+    keys = [900_001, 900_002]
+    bindings = [bind(model, key, resident=[0, 3]) for key in keys]
+    for _ in range(3):
+        for key, ex in zip(keys, flat):
+            hidden = torch.randn(T, H)
+            idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+            w = torch.rand(T, k)
+            got = OP(hidden, idx, w, ex, key, 0)
+            torch.testing.assert_close(got, reference_moe(hidden, idx, w, ex), rtol=1e-5, atol=1e-5)
+    assert [b.layer is not None for b in bindings] == [True, True] and model.layers == bindings
+    assert len(model.pools) == 1 and all(b.layer.pool is model.pools[(H, Fn, torch.float32)] for b in bindings)
+    assert all(b.failed is None for b in bindings)
+
+
+def test_a_layer_that_cannot_run_falls_back_to_the_formula_with_one_warning(monkeypatch):
+    from fusebackend.passes.hardware_profile import reference_h200
+    from fusebackend.runtime import placed_moe
+    from fusebackend.runtime.placed_moe import ModelMoE, bind
+
+    class Broken:
+        def __init__(self, *a, **kw):
+            raise RuntimeError("cudaHostRegister failed")
+    monkeypatch.setattr(placed_moe, "HybridMoELayer", Broken)
+    model = ModelMoE(reference_h200(), staging_slots=0)
+    model.api = object()
+    binding = bind(model, 900_003, resident=[])
+    hidden, idx, w = torch.randn(3, 8), torch.tensor([[0, 1], [1, 0], [0, 1]]), torch.rand(3, 2)
+    ex = [torch.randn(16, 8), torch.randn(16, 8), torch.randn(8, 16)] * 2
+    with pytest.warns(UserWarning, match="hybrid MoE layer.*cudaHostRegister failed"):     # warned once
+        got = OP(hidden, idx, w, ex, 900_003, 0)
+    torch.testing.assert_close(got, reference_moe(hidden, idx, w, ex))
+    import warnings as _w
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        OP(hidden, idx, w, ex, 900_003, 0)                          # no second warning
+    assert binding.failed is not None

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 import weakref
 
-from ..graph.moe_op import HANDLERS, expert_triples
+import torch
+
+from ..graph.moe_op import HANDLERS, expert_triples, reference_moe
 from .cost_correction import CostCorrection
 from .cpu_worker import CudaApi, StagingPool
 from .hybrid_moe import HybridMoELayer
@@ -64,14 +67,24 @@ class _Binding:
 
     def __init__(self, model: ModelMoE, key: int, resident):
         self.model, self.key, self.resident = model, key, list(resident)
-        self.layer, self.ident = None, None
+        self.layer, self.ident, self.failed = None, None, None
 
     def forward(self, hidden, idx, weights, experts, layout=0):
-        ident = tuple(t.data_ptr() for t in experts[:1])
-        if self.layer is None or ident != self.ident:
-            self._build(hidden, expert_triples(experts, layout), ident)
-        hook = self.model.after(self)
-        return self.layer.forward(hidden, idx, weights.reshape(idx.shape), after_issue=hook)
+        if self.failed is not None:
+            return reference_moe(hidden, idx, weights, experts, layout)
+        try:
+            ident = tuple(t.data_ptr() for t in experts[:1])
+            if self.layer is None or ident != self.ident:
+                self._build(hidden, expert_triples(experts, layout), ident)
+            hook = self.model.after(self)
+            return self.layer.forward(hidden, idx, weights.reshape(idx.shape), after_issue=hook)
+        except torch.cuda.OutOfMemoryError:
+            raise                        # a budget overrun is the caller's to see, not to hide in a fallback
+        except Exception as e:           # the layer cannot run: its formula, each expert copied as it is read
+            self.failed = "%s: %s" % (type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            warnings.warn("fusebackend: the hybrid MoE layer (moe_experts key %d) failed (%s); it runs as plain "
+                          "ATen calls from now on, streaming each routed expert's weights" % (self.key, self.failed))
+            return reference_moe(hidden, idx, weights, experts, layout)
 
     def _build(self, hidden, trios, ident):
         m = self.model
