@@ -32,7 +32,32 @@ def fuse(gm: torch.fx.GraphModule, example_inputs, options=None, **kwargs):
         bw_compiler=functools.partial(compiler, "backward"),
         inference_compiler=functools.partial(compiler, "inference"),
         decompositions=decompositions.table(opts.gemv_max_rows, opts.pad_matmul),
+        **_mutation_kwargs(opts),
     )(gm, example_inputs)
+
+
+def _mutation_kwargs(opts: FuseOptions) -> dict:
+    """Input mutations stay in the graph as trailing copy_(input, value) nodes, which the passes turn into
+    kernel stores (passes/inplace.py: a kernel writes the parameter or buffer in place). Without it AOT's
+    runtime wrapper copies every mutated input back after the graph, one ATen copy_ each per call (66% of a
+    200-tensor AdamW step), from fresh outputs the graph has to return.
+
+    Not under `cudagraphs`: CudaGraphProgram copies an input whose storage changes between calls into a static
+    buffer, and an in-graph write would land there, not in the caller's tensor; AOT's copy-back after the
+    replay writes the caller's tensor. Only where this torch's AOT autograd takes the option."""
+    if opts.cudagraphs or "keep_inference_input_mutations" not in _aot_parameters():
+        return {}
+    return {"keep_inference_input_mutations": True}
+
+
+@functools.lru_cache(maxsize=None)
+def _aot_parameters() -> frozenset:
+    import inspect
+    from torch._functorch.aot_autograd import aot_module_simplified
+    try:
+        return frozenset(inspect.signature(aot_module_simplified).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
 
 
 def compile_graph(opts: FuseOptions, kind: str, gm: torch.fx.GraphModule, example_inputs):

@@ -34,7 +34,7 @@ def preamble(b: ExprBuilder, rank: int, target: str) -> list:
     lines = []
     for op in b.operands:
         st = C.storage(op.meta.dtype)
-        const = "" if op.is_output else "const "
+        const = "" if op.is_output or op.written else "const "
         lines.append("%s%s* %s %s = (%s%s*)P[%d];" % (const, st, restrict, op.ptr, const, st, op.slot))
     pos = 0
     for d in range(rank):
@@ -126,6 +126,8 @@ def emit_shape(fg: FusionGraph, group, shapes: dict) -> KernelSource:
     emit = shapes.get(group.kind)
     if emit is None:
         raise EmitError("group kind %s has no kernel" % group.kind)
+    if group.kind != "pointwise" and getattr(group, "stores", None):
+        raise EmitError("a %s kernel does not store into its inputs (%s)" % (group.kind, ", ".join(group.stores)))
     return emit(fg, group)
 
 

@@ -24,13 +24,14 @@ def emit_pointwise(fg: FusionGraph, group) -> KernelSource:
     probe = ExprBuilder(fg, group)
     flat = rank <= 1 or flat_ok(fg, group, probe)
     b = ExprBuilder(fg, group, flat_index="li" if flat else None)
+    b.hoist = True
     idx = tuple("i%d" % d for d in range(rank))
     if flat and rank == 1:
         b.emit("const int64_t i0 = li;")
-    for out in group.outputs:
+    for out in b.written_values:
         b.store(out, idx, b.value(out, idx))
     body = preamble(b, rank, "cpu") + ["const int64_t n = %s;" % product(list(range(rank))),
-                                       "if (n == 0) return;"]
+                                       "if (n == 0) return;"] + b.pre
     if flat:
         body += ["#pragma omp parallel for simd schedule(static) if(n > %d)" % PAR_MIN,
                  "for (int64_t li = 0; li < n; ++li) {"] + indent(b.lines, 2) + ["}"]

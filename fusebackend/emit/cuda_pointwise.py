@@ -24,13 +24,14 @@ def emit_pointwise(fg: FusionGraph, group) -> KernelSource:
     else:
         V = T.vec_width(probe, group.domain[-1] if rank else 1, T.PW_VEC_BYTES)
     b = CudaBuilder(fg, group, flat_index="li" if flat else None)
+    b.hoist = True
     L = rank - 1
     idx = tuple("i%d" % d for d in range(rank))
     names = {d: "i%d" % d for d in range(rank)}
 
     def gen(vec: VecState | None) -> list:
         b.lines, b.memo, b.vec = [], {}, vec
-        for out in group.outputs:
+        for out in b.written_values:
             b.store(out, idx, b.value(out, idx))
         b.vec = None
         return b.lines
@@ -48,7 +49,7 @@ def emit_pointwise(fg: FusionGraph, group) -> KernelSource:
         "const int64_t n = %s;" % product(list(range(rank))),
         "if (n == 0) return;",
         "const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;",
-        "const int64_t nthr = (int64_t)gridDim.x * blockDim.x;"]
+        "const int64_t nthr = (int64_t)gridDim.x * blockDim.x;"] + [l for l in b.pre]
     body = list(head)
     one = ["const int64_t i0 = li; (void)i0;"] if rank == 1 else []
     if flat:

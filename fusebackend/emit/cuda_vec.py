@@ -82,16 +82,18 @@ class CudaBuilder(ExprBuilder):
                           .replace("fb::round_bf16(", "fb::cu_round_bf16("))
 
     def load(self, ref: Ref, idx: tuple) -> str:
-        v = self.vec
+        v = self.vec if not self.in_pre else None       # code before the loop reads no chunk
         op = self._op(ref) if v is not None else None
         base = v.base_offset(self, op, idx) if op is not None else None
         if base is None:
             return super().load(ref, idx)
         st, ct = C.storage(op.meta.dtype), C.compute(op.meta.dtype)
         key = (op.slot, base)
+        self.check_written_read(op, idx)
         if key not in v.vin:
             t = self.fresh("t")
-            v.pre.append("const fb::Vec<%s, %d> %s = fb::ldv<%d>(%s + %s);" % (st, v.n, t, v.n, op.ptr, base))
+            v.pre.append("const fb::Vec<%s, %d> %s = fb::%s<%d>(%s + %s);"
+                         % (st, v.n, t, "ldv_rw" if op.written else "ldv", v.n, op.ptr, base))
             v.vin[key] = t
         var = self.fresh()
         self.emit("const %s %s = fb::ld<%s>(%s.v[j]);" % (ct, var, ct, v.vin[key]))
@@ -99,7 +101,7 @@ class CudaBuilder(ExprBuilder):
 
     def store(self, name: str, idx: tuple, var: str) -> None:
         v = self.vec
-        op = self.by_key[name]
+        op = self.out_operand(name)
         base = v.base_offset(self, op, idx) if v is not None else None
         if base is None:
             return super().store(name, idx, var)

@@ -36,6 +36,7 @@ class Operand:
         self.slot, self.key, self.meta, self.is_output = slot, key, meta, is_output
         self.unit_dims = set()        # dims assumed to have stride 1 (checked by the runtime once)
         self.flat = False             # accessed through the linear index: assumed contiguous
+        self.written = False          # an input a store node writes (passes/inplace.py): its pointer is not const
 
     @property
     def ptr(self) -> str:
@@ -62,11 +63,25 @@ class ExprBuilder:
                 self._operand(ref, self.meta_of(ref), False)
         for name in group.outputs:
             self._operand(name, fg.node(name).meta, True)
+        self.store_of: dict = {}                    # store node -> the input operand it writes
+        for name in getattr(group, "stores", ()):
+            op = self.by_key.get(registry.store_target(fg.node(name)))
+            if op is None:
+                raise EmitError("store %s: its input is no operand of the kernel" % name)
+            op.written = True
+            self.store_of[name] = op
         self.lines: list[str] = []
         self.memo: dict = {}
         self.counter = 0
         self.reduction_value: dict[str, str] = {}   # reduction node -> finished accumulator variable
         self.hook: Optional[Callable] = None        # ((name, item), idx) -> variable or None: caches, rows
+        # hoist: values at an index that names no loop variable go to `pre`, code the kernel runs once before
+        # its loop (pointwise kernels set it; `pre_memo` outlives the memo, which a CUDA kernel resets between
+        # its vector and scalar loops)
+        self.hoist = False
+        self.pre: list[str] = []
+        self.pre_memo: dict = {}
+        self.in_pre = False
         self.takes = False                          # an index tensor is read: the kernel checks its range
 
     # ---- operands
@@ -128,30 +143,68 @@ class ExprBuilder:
         memo_key = (key, idx)
         if memo_key in self.memo:
             return self.memo[memo_key]
+        if memo_key in self.pre_memo:
+            return self.pre_memo[memo_key]
         if key in self.scalar_var:
             return self.scalar_var[key]
         if self.hook is not None:
             hooked = self.hook(key, idx)
             if hooked is not None:
                 return hooked
-        if name not in self.members:
-            var = self.load(Ref(name, key[1]) if key[1] is not None or isinstance(ref, Ref) else Ref(name), idx)
-        else:
-            var = self.compute(name, idx)
-        self.memo[memo_key] = var
+        if not self.in_pre and self.hoist and _invariant(idx) and not self._one_point_domain():
+            # the same at every index: computed once before the loop (an optimizer's bias corrections from its
+            # step counter, passes/remat_scalar.py), with everything it reads
+            saved, self.lines, self.in_pre = self.lines, self.pre, True
+            try:
+                var = self._value(name, key, ref, idx)
+            finally:
+                self.lines, self.in_pre = saved, False
+            self.pre_memo[memo_key] = var
+            return var
+        var = self._value(name, key, ref, idx)
+        (self.pre_memo if self.in_pre else self.memo)[memo_key] = var
         return var
+
+    def _value(self, name, key, ref, idx) -> str:
+        if name not in self.members:
+            return self.load(Ref(name, key[1]) if key[1] is not None or isinstance(ref, Ref) else Ref(name), idx)
+        return self.compute(name, idx)
+
+    def _one_point_domain(self) -> bool:
+        dom = tuple(self.group.domain)
+        return all(isinstance(d, int) and d == 1 for d in dom)
+
+    @property
+    def written_values(self) -> list:
+        """What the kernel writes at each index of its domain: its outputs, then its stores into inputs."""
+        return list(self.group.outputs) + list(self.store_of)
+
+    def out_operand(self, name: str) -> Operand:
+        """The operand a written value goes to: its own output, or the input a store node writes."""
+        op = self.by_key.get(name)
+        return op if op is not None else self.store_of[name]
+
+    def check_written_read(self, op: Operand, idx: tuple) -> None:
+        """An input the kernel writes is read only at the index the kernel writes (passes/inplace.py makes it
+        so; this is the emitter's own check): another thread may already have written any other element."""
+        shape = tuple(op.meta.shape)
+        if op.written and (shape != tuple(self.group.domain) or len(idx) != len(shape) or not all(
+                e == "i%d" % d or (e == "0" and s == 1) for d, (e, s) in enumerate(zip(idx, shape)))):
+            raise EmitError("input %s is written by this kernel and read at another index (%s)"
+                            % (op.key.name, ", ".join(idx)))
 
     def load(self, ref: Ref, idx: tuple) -> str:
         op = self.by_key.get(ref) or self.by_key.get(Ref(ref.name))
         if op is None:
             raise EmitError("no operand for %s" % (ref,))
+        self.check_written_read(op, idx)
         ct, st = C.compute(op.meta.dtype), C.storage(op.meta.dtype)
         var = self.fresh()
         self.emit("%s %s = fb::ld<%s>(%s[%s]);" % (ct, var, ct, op.ptr, self.offset(op, idx)))
         return var
 
     def store(self, name: str, idx: tuple, var: str) -> None:
-        op = self.by_key[name]
+        op = self.out_operand(name)
         st = C.storage(op.meta.dtype)
         self.emit("%s[%s] = fb::st<%s>(%s);" % (op.ptr, self.offset(op, idx), st, var))
 
@@ -276,6 +329,11 @@ class ExprBuilder:
                 new.append(kept[k])
                 k += 1
         return self.value(src, tuple(new))
+
+
+def _invariant(idx: tuple) -> bool:
+    """An index of constants only (a one-element operand broadcast over the domain is read at 0, ..., 0)."""
+    return all(isinstance(e, str) and e.isdigit() for e in idx)
 
 
 def _round(dtype, expr: str) -> str:

@@ -10,6 +10,12 @@ through them, the schedule and the horizontal pass order groups by them). Data e
    before the write (read after write).
 `order_side_effects` adds those edges (edge data `order=True`), so no pass needs to know about effects. Each
 edge follows the graph's own (topological) order, so the graph stays acyclic.
+
+A plain `aten.copy_` (what AOT autograd leaves at the end of a graph for every input it mutates, when the
+mutations stay in the graph) is ordered only against the readers and writers of the buffer it writes, not
+against the other ordered ops: an optimizer step ends in one copy_ per parameter and state tensor, and one
+chain through them all would put every parameter's kernel at its own depth (no horizontal batch) and refuse
+each copy_ into its value's kernel (passes/inplace.py) as a cycle.
 """
 from __future__ import annotations
 
@@ -28,29 +34,60 @@ def _add(fg: FusionGraph, a: str, b: str) -> None:
         fg.g.add_edge(a, b, order=True)
 
 
+def _root(node, root: dict) -> str:
+    """The buffer node's value aliases: its aliased argument's buffer (views, copy_, set_), else itself."""
+    if node.target is None or node.kind in ("placeholder", "symbol", "constant"):
+        return node.name
+    key = registry.aliased_arg(node.target) if hasattr(node.target, "_schema") else None
+    if key is None and node.kind == "view" and node.args and isinstance(node.args[0], Ref):
+        key = 0
+    src = _arg(node, key) if key is not None else None
+    return root.get(src.name, src.name) if isinstance(src, Ref) else node.name
+
+
+def buffer_roots(fg: FusionGraph) -> dict:
+    """value name -> the name of the buffer it aliases (a placeholder, or the op that made the storage)."""
+    root = {}
+    for node in fg.nodes():
+        root[node.name] = _root(node, root)
+    return root
+
+
+def buffer_writers(fg: FusionGraph, roots: dict | None = None) -> dict:
+    """buffer name -> the ops that write it (copy_ and stores, in-place collectives, ...), in graph order. A pass
+    that copies a reader of a buffer (passes/remat_scalar.py) orders the copy before the later writers too."""
+    roots = buffer_roots(fg) if roots is None else roots
+    out: dict = {}
+    for node in fg.nodes():
+        if node.target is None or not registry.is_ordered(node.target):
+            continue
+        for k in registry.written_args(node.target):
+            for r in ref_names_in(_arg(node, k), []):
+                out.setdefault(roots.get(r, r), []).append(node.name)
+    return out
+
+
 def order_side_effects(fg: FusionGraph) -> list:
-    """Add the order edges (in place); returns the ordered ops' names in graph order."""
+    """Add the order edges (in place); returns the names of the ops kept in one order (collectives, waits,
+    storage ops; not plain copy_s), in graph order."""
     root = {}                          # value -> the buffer it aliases (itself for a fresh value)
     readers: dict = {}                 # buffer -> nodes that read it so far
     writer: dict = {}                  # buffer -> the last op that wrote it
     ordered = []
     for node in fg.nodes():
         name = node.name
+        root[name] = _root(node, root)
         if node.target is None or node.kind in ("placeholder", "symbol", "constant"):
-            root[name] = name
             continue
-        key = registry.aliased_arg(node.target) if hasattr(node.target, "_schema") else None
-        if key is None and node.kind == "view" and node.args and isinstance(node.args[0], Ref):
-            key = 0
-        src = _arg(node, key) if key is not None else None
-        root[name] = root.get(src.name, src.name) if isinstance(src, Ref) else name
         bufs = {root.get(r, r) for r in ref_names_in((node.args, node.kwargs), [])}
         for b in bufs:                                     # read after write
             if b in writer:
                 _add(fg, writer[b], name)
         if registry.is_ordered(node.target):
-            if ordered:
-                _add(fg, ordered[-1], name)
+            if registry.chained(node.target):
+                if ordered:
+                    _add(fg, ordered[-1], name)
+                ordered.append(name)
             for k in registry.written_args(node.target):
                 ref = _arg(node, k)
                 for r in ref_names_in(ref, []):
@@ -58,7 +95,6 @@ def order_side_effects(fg: FusionGraph) -> list:
                     for reader in readers.get(b, ()):       # write after read
                         _add(fg, reader, name)
                     writer[b] = name
-            ordered.append(name)
         for b in bufs:
             readers.setdefault(b, []).append(name)
     return ordered

@@ -72,6 +72,8 @@ def classify(target, args, kwargs, meta_of=None, meta=None) -> str:
     sizes; without them those stay opaque."""
     if not isinstance(target, torch._ops.OpOverload):
         return "opaque"
+    if written_args(target):
+        return "opaque"        # writes an argument (copy_): passes/inplace.py may make a copy_ a store
     name = _packet(target)
     if indexing.is_index_op(target):
         ok = meta_of is not None and indexing.normalize(target, args, kwargs, meta_of, meta) is not None
@@ -155,6 +157,13 @@ def _full(args, kwargs):
     return Pointwise("Const", (value,)) if isinstance(value, (int, float, bool)) else None
 
 
+def _copy_(args, kwargs):
+    # only for a store node (is_store): its value is the source, cast and broadcast to the written input
+    if set(kwargs) - {"non_blocking"} or len(args) != 2 or not isinstance(args[1], Ref):
+        return None
+    return Pointwise("Identity", (args[1],))
+
+
 def _clone(args, kwargs):
     # any memory format: the written copy gets the strides eager gives it (its TensorMeta)
     if set(kwargs) - {"memory_format"} or len(args) != 1 or not isinstance(args[0], Ref):
@@ -206,7 +215,7 @@ _SPECIAL: dict[str, Callable] = {
     "clamp_max": _clamp(-math.inf, None, None, 1), "where": _where, "full": _full,
     "scalar_tensor": _scalar_tensor, "_to_copy": _cast, "convert_element_type": _cast,
     "threshold_backward": _threshold_backward, "leaky_relu": _leaky_relu, "hardtanh": _hardtanh,
-    "clone": _clone, "full_like": _full_like,
+    "clone": _clone, "full_like": _full_like, "copy_": _copy_,
 }
 _SPECIAL = {k: v for k, v in _SPECIAL.items() if v is not None}
 _SPECIAL["clamp_min"] = lambda a, k: Pointwise("Clamp", (a[0], a[1], math.inf)) if _operand(a[1]) is not None else None
@@ -273,6 +282,26 @@ def written_args(target) -> tuple:
     if not out and target in torch.fx.node._side_effectful_functions and "resize" in schema.name:
         return (0,)
     return out
+
+
+def chained(target) -> bool:
+    """An ordered op kept in one order with all the other chained ones (collectives, waits, storage ops). A
+    plain copy_ is not: it is ordered against the readers and writers of the buffer it writes alone."""
+    return is_ordered(target) and target is not STORE_OP
+
+
+STORE_OP = aten.copy_.default
+
+
+def is_store(node) -> bool:
+    """A copy_ into a graph input turned into a kernel's store (passes/inplace.py): a pointwise node whose value
+    (its source, cast and broadcast) is written into its first argument's storage, not into an allocation."""
+    return node.kind == "pointwise" and node.target is STORE_OP
+
+
+def store_target(node) -> Ref:
+    """The input a store node writes."""
+    return node.args[0]
 
 
 def aliased_arg(target):

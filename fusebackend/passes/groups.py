@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..graph.fusion_graph import FusionGraph, Ref
+from ..graph.fusion_graph import FusionGraph, Ref, ref_names_in
+from ..graph.registry import is_store
 
 FUSABLE = ("pointwise", "reduction", "view")
 
@@ -15,7 +16,9 @@ class Group:
 
     kind: 'pointwise' | 'reduction' (a kernel), 'opaque' (one ATen call), 'view' (a runtime view).
     domain: the iteration shape of a kernel; reduce_dims: the dims a reduction group reduces over.
-    inputs: values read from outside (Refs); outputs: member node names whose values are written.
+    inputs: values read from outside (Refs); outputs: member node names whose values are written (to storage
+    the kernel's step allocates); stores: member store nodes (passes/inplace.py), whose values are written
+    into the storage of the input each names (one of `inputs`), not allocated.
     """
     id: int
     kind: str
@@ -25,6 +28,7 @@ class Group:
     reduce_dims: tuple = ()
     inputs: list = field(default_factory=list)
     outputs: list = field(default_factory=list)
+    stores: list = field(default_factory=list)
     fallback_reason: Optional[str] = None   # set when the kernel could not be built; the group runs as ATen
 
     @property
@@ -55,11 +59,17 @@ def finish_io(fg: FusionGraph, groups: list) -> None:
                 if ref.name not in members and ref not in ins:
                     ins.append(ref)
         g.inputs = ins
-        g.outputs = [n for n in g.nodes
-                     if n in graph_outputs or any(u not in members for u in fg.users(n))]
+        g.stores = [n for n in g.nodes if is_store(fg.node(n))] if g.is_kernel else []
+        g.outputs = [n for n in g.nodes if n not in g.stores and
+                     (n in graph_outputs or any(u not in members for u in data_users(fg, n)))]
         if g.kind in ("opaque", "view"):
             g.outputs = list(g.nodes)
     return owner
+
+
+def data_users(fg: FusionGraph, name: str) -> list:
+    """The nodes that read `name`'s value (not those an order edge alone puts after it: graph/effects.py)."""
+    return [u for u in fg.users(name) if name in ref_names_in((fg.node(u).args, fg.node(u).kwargs), [])]
 
 
 def _arg_refs(value, out=None):

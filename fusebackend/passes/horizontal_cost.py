@@ -20,13 +20,14 @@ PAR_BYTES = 32768 * 4 * 2                   # a CPU problem below this runs its 
 
 
 def group_bytes(fg, group) -> int:
-    """Bytes one run of the group reads and writes (each external input and written output once)."""
+    """Bytes one run of the group reads and writes (each external input and written output once; an input it
+    stores into, passes/inplace.py, is read and written)."""
     total = 0
     for ref in group.inputs:
         m = fg.meta_of(ref)
         if m is not None and m.is_static:
             total += m.numel * m.dtype.itemsize
-    for name in group.outputs:
+    for name in list(group.outputs) + list(getattr(group, "stores", ())):
         m = fg.node(name).meta
         if m is not None and m.is_static:
             total += m.numel * m.dtype.itemsize

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from ..graph import registry
 from ..graph import indexing
+from ..graph.effects import buffer_roots
 from ..graph.indexing import is_cat, is_take
 from ..graph.fusion_graph import FusionGraph, Ref
-from .groups import FUSABLE, Group, finish_io
+from .groups import FUSABLE, Group, data_users, finish_io
+from .inplace import stores_ok
 from .schedule import order_groups
 from .shapes import fits, is_per_row, outer_shapes, squeeze_ones
 
@@ -45,6 +47,7 @@ class _Fuser:
         self.reduction: dict[int, object] = {}
         self.outputs = fg.output_names()
         self.max_nodes = MAX_GROUP_NODES
+        self.roots = buffer_roots(fg)       # value -> the buffer it aliases (stores_ok: reads of written inputs)
 
     def fusable(self, name: str) -> bool:
         node = self.fg.node(name)
@@ -75,7 +78,9 @@ class _Fuser:
         if reds and self.moves_reduced_values(names):
             return None
         shapes = [self.fg.node(n).meta.shape for n in names]
-        written = {n for n in names if n in self.outputs or any(u not in names for u in self.fg.users(n))}
+        # written: read outside the kernel (order edges are no reads), or a store into an input
+        written = {n for n in names if n in self.outputs or registry.is_store(self.fg.node(n))
+                   or any(u not in names for u in data_users(self.fg, n))}
         if reds:
             dom, rdims = next(iter(reds))
         elif written:
@@ -183,7 +188,8 @@ class _Fuser:
         if len(names) > self.max_nodes:
             return False
         devices = {self.fg.node(n).device for n in names}
-        if len(devices) != 1 or self.domain(set(names)) is None:
+        dom = self.domain(set(names)) if len(devices) == 1 else None
+        if dom is None or not stores_ok(self.fg, set(names), dom[0], dom[1], self.roots):
             return False
         if self.creates_cycle(set(names)):
             return False

@@ -53,6 +53,26 @@ template <int N, class T> FB_DEV Vec<T, N> ldv(const T* p) {
   }
   return r;
 }
+// The same for an input the kernel also writes (a store into a graph input, passes/inplace.py): plain loads,
+// not the read-only path __ldg takes, which assumes nothing writes the data while the kernel runs.
+template <int N, class T> FB_DEV Vec<T, N> ldv_rw(const T* p) {
+  Vec<T, N> r;
+  constexpr int B = (int)sizeof(T) * N;
+  if constexpr (B % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < B / 16; ++i) reinterpret_cast<uint4*>(&r)[i] = reinterpret_cast<const uint4*>(p)[i];
+  } else if constexpr (B % 8 == 0) {
+#pragma unroll
+    for (int i = 0; i < B / 8; ++i) reinterpret_cast<uint2*>(&r)[i] = reinterpret_cast<const uint2*>(p)[i];
+  } else if constexpr (B % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < B / 4; ++i) reinterpret_cast<uint32_t*>(&r)[i] = reinterpret_cast<const uint32_t*>(p)[i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) r.v[i] = p[i];
+  }
+  return r;
+}
 template <int N, class T> FB_DEV void stv(T* p, const Vec<T, N>& v) {
   constexpr int B = (int)sizeof(T) * N;
   if constexpr (B % 16 == 0) {
