@@ -38,6 +38,7 @@ class BatchKernelStep:
             resolvers = [members[q].ins[j] for j in range(self.nin) for q in range(n)]
             get = lambda env: [r(env) for r in resolvers]
         self.get_inputs = get
+        self.in_refs = [members[q].spec.inputs[j] for j in range(self.nin) for q in range(n)]   # that order
         self.out_names = [members[q].out_names[j] for j in range(self.nout) for q in range(n)]
         # graph outputs get storages of their own, as eager's do (Dynamo guards on aliasing and offsets);
         # intermediates share one allocation
@@ -58,6 +59,16 @@ class BatchKernelStep:
             self.plan = self._plan(list(ins) + list(outs))
             if self.plan is False:
                 return self(env)
+        self._launch(ins, out_addrs)
+
+    def run(self, ins) -> list:
+        """A planned batch (plan neither None nor False): `ins` in get_inputs' order -> the outputs in
+        out_names' order (the generated code's call: wrapper.py)."""
+        outs, out_addrs = self.outputs()
+        self._launch(ins, out_addrs)
+        return outs
+
+    def _launch(self, ins, out_addrs):
         by_slot = [t.data_ptr() for t in ins] + out_addrs
         n, k = len(self.members), self.nptr
         addrs = [0] * (n * k)

@@ -1,7 +1,7 @@
 """Turning kernel sources and groups into a runnable Program."""
 from __future__ import annotations
 
-from . import cpu_compiler
+from . import cpu_compiler, launch_ext
 from .batch import BatchKernelStep, batchable
 from .meta_check import check_kernel_inputs
 from .program import FallbackStep, Program, kept_values
@@ -13,7 +13,8 @@ from .views import ViewStep, view_chains
 def compile_kernel(spec, opts):
     """Compile one KernelSource for its target; returns a launch(tensors, meta) callable."""
     if spec.target == "cpu":
-        return cpu_launcher(cpu_compiler.build(spec.source, spec.name, opts.cache_dir), spec)
+        return cpu_launcher(cpu_compiler.build(spec.source, spec.name, opts.cache_dir), spec,
+                            launch_ext.load(opts.cache_dir))
     if spec.target == "cuda":
         from . import cuda_compiler
         return cuda_compiler.launcher(spec, opts)

@@ -78,10 +78,11 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def build(source: str, name: str, cache_dir: str | None = None):
-    """Compile (or fetch from cache) and return the loaded library (ctypes.CDLL)."""
+def build(source: str, name: str, cache_dir: str | None = None, extra_flags=()):
+    """Compile (or fetch from cache) and return the loaded library (ctypes.CDLL); `name` is a symbol it must
+    export. extra_flags: more compiler flags (launch_ext.py: the Python headers), part of the cache key."""
     cxx = compiler()
-    key = cache.digest(source, _identity(cxx))
+    key = cache.digest(source, _identity(cxx), *extra_flags)
     with _lock:
         if key in _loaded:
             return _loaded[key]
@@ -89,11 +90,13 @@ def build(source: str, name: str, cache_dir: str | None = None):
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, "%s_%s.so" % (name, key))
     with cache.locked(path):             # loaded under the lock: no writer replaces the entry meanwhile
+        # a kernel's compile is _compile(cxx, source, path), as tests that replace it expect
+        flags = (extra_flags,) if extra_flags else ()
         if cache.load_verified(path) is None:
-            _compile(cxx, source, path)
+            _compile(cxx, source, path, *flags)
         lib = _load(path, name)
         if lib is None:                  # intact checksum, yet not a loadable library: rebuild it once
-            _compile(cxx, source, path)
+            _compile(cxx, source, path, *flags)
             lib = _load(path, name)
         if lib is None:
             raise CompileFailed("the compiled kernel library %s cannot be loaded" % path)
@@ -111,12 +114,12 @@ def _load(path: str, name: str):
         return None
 
 
-def _compile(cxx: str, source: str, path: str) -> None:
+def _compile(cxx: str, source: str, path: str, extra_flags=()) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src, out = os.path.join(tmp, "k.cpp"), os.path.join(tmp, "k.so")
         with open(src, "w") as f:
             f.write(source)
-        cmd = [cxx, *FLAGS, "-I", INCLUDE, src, "-o", out, *_omp_link_flags()]
+        cmd = [cxx, *FLAGS, "-I", INCLUDE, *extra_flags, src, "-o", out, *_omp_link_flags()]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True)
         except OSError as e:             # the compiler vanished or is not executable

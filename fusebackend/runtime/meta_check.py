@@ -33,7 +33,16 @@ class CheckedAtenStep(AtenStep):
         self.warned = False
 
     def __call__(self, env):
-        value = self.call(*self.args(env), **self.kwargs(env))
+        value = self.invoke(self.args(env), self.kwargs(env))
+        try:
+            env[self.name] = self.conform(value)
+        except MetaMismatch as e:
+            env[self.name] = e.value
+            raise
+
+    def conform(self, value):
+        """The op's result, converted where its dtype is not the promised one; MetaMismatch (with the value as
+        `.value`) where its sizes are not."""
         for item, meta, shape in self.checked:
             t = value if item is None else value[item]
             if t.dtype is not meta.dtype:
@@ -44,10 +53,11 @@ class CheckedAtenStep(AtenStep):
                     value = list(value)
                     value[item] = t
             if shape is not None and tuple(t.shape) != shape:
-                env[self.name] = value
-                raise MetaMismatch("%s (%s) returned sizes %s where its fake kernel promised %s"
-                                   % (self.op_label, self.name, tuple(t.shape), shape))
-        env[self.name] = value
+                e = MetaMismatch("%s (%s) returned sizes %s where its fake kernel promised %s"
+                                 % (self.op_label, self.name, tuple(t.shape), shape))
+                e.value = value
+                raise e
+        return value
 
     def _conform_dtype(self, t, meta):
         if not self.warned:

@@ -1,16 +1,26 @@
-"""The compiled-graph callable: a flat list of steps over an environment of named values."""
+"""The compiled-graph callable: a flat list of steps, run as one generated function (wrapper.py) once the first
+call, interpreted over an environment of named values, settled them."""
 from __future__ import annotations
 
 import operator
+import os
+import threading
 import warnings
 
 from ..graph.fusion_graph import Ref
 from .meta_check import MetaMismatch, step_nodes
-from .steps import AtenStep, KernelStep, LayoutMismatch, ref_names, resolver
+from .steps import AtenStep, LayoutMismatch, ref_names, resolver
+from .wrapper import Relayout, generate
 
 
 class Program:
-    """Calls steps in order; AOT autograd calls it boxed (a list of inputs that it may free)."""
+    """Calls steps in order; AOT autograd calls it boxed (a list of inputs that it may free).
+
+    The first call runs the steps interpreted (a loop over an environment dict), which settles them (kernel
+    layouts checked and meta arrays packed, view plans recorded); then the steps become one generated function
+    (runtime/wrapper.py) that later calls run. A step that switches to ATen (LayoutMismatch, MetaMismatch) ends
+    its call interpreted and has the function generated again. `FUSEBACKEND_INTERPRET=1` (or `interpret =
+    True`) keeps the loop."""
     _boxed_call = True
 
     def __init__(self, fg, steps, input_names):
@@ -21,33 +31,108 @@ class Program:
         names = [o.name for o in fg.outputs if isinstance(o, Ref) and o.item is None]
         # many plain outputs (a horizontal batch returns a list): one C call gathers them
         self.gather = operator.itemgetter(*names) if len(names) == len(fg.outputs) >= 2 else None
-        self.frees = _last_uses(fg, steps)
+        self.keep = kept_values(fg)
+        self._refresh()
+        self._lock = threading.Lock()       # the generated code's prebuilt pointer arrays: one call at a time
+        self._interpret = os.environ.get("FUSEBACKEND_INTERPRET", "") not in ("", "0")
+        # the generated function has not run on a GPU yet (2026-12-02: no device time was left): CUDA programs
+        # stay on the interpreted loop unless FUSEBACKEND_GENERATED_CUDA=1, until the GPU tests have run it
+        if any(n.device == "cuda" for n in fg.nodes()) and os.environ.get("FUSEBACKEND_GENERATED_CUDA", "") != "1":
+            self._interpret = True
+        self.generated = None               # wrapper.Generated, once the first call settled the steps
+        self._run = None
+        self._generate = True               # False: a step kind the wrapper does not know; the loop runs
+
+    @property
+    def interpret(self) -> bool:
+        return self._interpret
+
+    @interpret.setter
+    def interpret(self, value: bool):
+        self._interpret, self._run = bool(value), None
+
+    @property
+    def source(self):
+        """The generated function's text (None before the first call, or while interpreting)."""
+        return self.generated.source if self.generated is not None else None
 
     def __call__(self, args):
+        run = self._run
+        if run is not None:
+            return run(args)
+        out = self._call_interpreted(args)
+        if not self._interpret and self._generate and self._run is None:
+            self.generated = generate(self, self._call_interpreted, self._resume, self._lock)
+            self._generate = self.generated is not None
+            self._run = self.generated.fn if self.generated is not None else None
+        return out
+
+    def _call_interpreted(self, args):
         env = dict(zip(self.input_names, args))
         if isinstance(args, list):
             args.clear()
-        frees = self.frees
-        for i, step in enumerate(self.steps):
-            try:
-                step(env)
-            except LayoutMismatch as e:    # specialised layout did not hold: run that group as ATen
-                self.steps[i] = FallbackStep(step.group_nodes, "layout: %s" % e)
-                self.steps[i](env)
-            except MetaMismatch as e:      # a value no kernel can read: the rest of the program runs as ATen
-                self._tail_as_aten(i, e)
-                self.steps[i + 1](env)
-                break
-            for name in frees[i]:
-                del env[name]
+        self._loop(env, 0)
+        return self._outputs(env)
+
+    def _outputs(self, env):
         if self.gather is not None:
             return list(self.gather(env))
         return [o(env) for o in self.outputs]
 
+    def _loop(self, env, start):
+        steps, frees = self.steps, self.frees
+        for i in range(start, len(steps)):
+            try:
+                steps[i](env)
+            except (LayoutMismatch, MetaMismatch) as e:
+                if self._switch(i, e, env):
+                    return
+                frees = self.frees
+            for name in frees[i]:
+                env.pop(name, None)      # a call resumed from the generated function may lack some
+
+    def _switch(self, i, why, env) -> bool:
+        """Step i raised `why`: replace it (LayoutMismatch: that group as ATen, for good) or the rest of the
+        program (MetaMismatch: a value no kernel can read) and run the replacement; True when the call is done.
+        The generated function no longer matches the steps: the next call generates it again."""
+        self._run, self.generated, self._generate = None, None, True
+        if isinstance(why, LayoutMismatch):
+            step = self.steps[i]
+            self.steps[i] = FallbackStep(step.group_nodes, "layout: %s" % why)
+            self._refresh()
+            self.steps[i](env)
+            return False
+        self._tail_as_aten(i, why)
+        self.steps[i + 1](env)
+        return True
+
+    def _resume(self, local_of, rebuild, i, why, frame_locals):
+        """The generated function's step i raised `why`: finish the call as the interpreted loop would, from
+        the environment its locals hold (`local_of`: value name -> local; `rebuild`: the values the function
+        did not make, e.g. views it passed to kernels as addresses, made here)."""
+        env = {n: frame_locals[l] for n, l in local_of.items() if l in frame_locals}
+        for name, make in rebuild:
+            if name not in env:
+                value = make(env)
+                if value is not None:
+                    env[name] = value
+        if isinstance(why, MetaMismatch) and hasattr(why, "value"):
+            env[self.steps[i].name] = why.value
+        if isinstance(why, Relayout):
+            self._loop(env, i)
+        elif not self._switch(i, why, env):
+            for name in self.frees[i]:
+                env.pop(name, None)
+            self._loop(env, i + 1)
+        return self._outputs(env)
 
     def _tail_as_aten(self, i, why):
         nodes = [n for s in self.steps[i + 1:] for n in step_nodes(self.fg, s)]
         self.steps[i + 1:] = [FallbackStep(nodes, "metadata: %s" % why)]
+        self._refresh()
+
+    def _refresh(self):
+        self.reads = [step_reads(s) for s in self.steps]
         self.frees = _last_uses(self.fg, self.steps)
 
 

@@ -25,7 +25,8 @@ class ViewStep:
         base = nodes[0].args[0]
         self.base_name, self.base_item = base.name, base.item
         self.reads = ref_names((nodes[0].args, nodes[0].kwargs))
-        self.plan = None            # (base sizes, base strides, sizes, strides, offset delta)
+        self.plan = None            # (base sizes, base strides, sizes, strides, offset delta in elements)
+        self.itemsize = 0
         self.planned = False
 
     def __call__(self, env):
@@ -41,6 +42,13 @@ class ViewStep:
         if not self.planned:
             self.planned = True
             self.plan = _plan(base, env[self.name])
+            self.itemsize = base.element_size()
+
+    def run(self, source):
+        """The view of `source` (what the base's name holds: the tensor, or the tuple `base_item` indexes)."""
+        env = {self.base_name: source}
+        self(env)
+        return env[self.name]
 
 
 def _plan(base, out):
@@ -49,9 +57,18 @@ def _plan(base, out):
         same = out.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):     # tensors without storage (subclasses, fakes)
         return None
-    if not same or out.dtype != base.dtype or out.device != base.device or type(out) is not type(base):
+    if not same or out.dtype != base.dtype or out.device != base.device:
         return None
-    return (base.shape, base.stride(), tuple(out.shape), out.stride(), out.storage_offset() - base.storage_offset())
+    plan = (base.shape, base.stride(), tuple(out.shape), out.stride(), out.storage_offset() - base.storage_offset())
+    # the replay must give what the ops gave: the same type (a Parameter's views are plain tensors, as are its
+    # as_strided results; a subclass may differ) and layout
+    try:
+        again = base.as_strided(plan[2], plan[3], base.storage_offset() + plan[4])
+    except Exception:                               # a subclass that does not take as_strided
+        return None
+    if type(again) is not type(out) or again.stride() != out.stride() or again.data_ptr() != out.data_ptr():
+        return None
+    return plan
 
 
 def view_chains(fg, groups, keep: set) -> tuple:
