@@ -4,7 +4,8 @@
 #     A: GPU tests + placed execution; B: offload, optimizer, fuzz, soak (2026-12-01)
 #     C: GPU tests, a fresh hardware profile, cost check, offload; D: placed (hybrid vs simple), decode attention,
 #     HF generate, optimizer, per-call overhead; E: GPU fuzz for FUZZ_S seconds; F: GPU tests + a short placed run
-#     (2026-12-02)
+#     (2026-12-02); G: GPU tests (interpreted and generated CUDA programs) beside 4 GPU fuzzers, then fuse vs
+#     all-GPU at the full budget with and without the per-call trace (2026-12-03)
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -53,6 +54,22 @@ F)   # the last few minutes: GPU tests, then the hybrid placed execution briefly
   step gpu_tests 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests
   grep -E "passed|failed" "$OUT/gpu_tests.log" | tail -3; grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -20
   TAIL=12 step placed 100 python3 bench/placed.py --tokens 1 16 --shares 0.25 1.0 --executions hybrid simple
+  ;;
+G)   # everything since the last GPU run at once: tests twice (the CUDA generated wrapper on) beside 4 fuzzers
+  for s in 41 42 43 44; do
+    timeout "${FUZZ_S:-250}" python3 bench/fuzz_gpu.py --seconds $(( ${FUZZ_S:-250} - 25 )) --seed $s \
+      --log "$OUT/fuzz_$s.cases.txt" > "$OUT/fuzz_$s.log" 2>&1 &
+  done
+  step gpu_tests 330 python3 -m pytest -q -m gpu -p no:cacheprovider tests &
+  FUSEBACKEND_GENERATED_CUDA=1 step gpu_tests_generated 330 python3 -m pytest -q -m gpu -p no:cacheprovider \
+    tests --ignore=tests/test_hybrid_moe.py &
+  wait
+  for f in gpu_tests gpu_tests_generated; do echo "== $f"; grep -E "^FAILED|^ERROR" "$OUT/$f.log" | head -25; done
+  for s in 41 42 43 44; do tail -n 1 "$OUT/fuzz_$s.log"; done
+  TAIL=14 step offload_full 100 python3 bench/offload.py --out "$OUT/offload_full" --budgets 1 --batches 1,16 \
+    --prefill 64 --strategies gpu_all,pinned,fuse --trace 0 --time-limit 60
+  TAIL=14 step offload_full_trace 80 python3 bench/offload.py --out "$OUT/offload_full_trace" --budgets 1 \
+    --batches 1,16 --prefill 64 --strategies gpu_all,fuse --trace 1 --time-limit 50
   ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \
