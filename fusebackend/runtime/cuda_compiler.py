@@ -27,7 +27,10 @@ from .steps import LayoutMismatch
 
 INCLUDE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "emit", "include")
 INSTALL_HINT = "pip install cupy-cuda13x"
-BASE_OPTIONS = ("-std=c++17",)
+# --fmad=false: a*b+c rounds twice, as eager's separate kernels do (and as the CPU build's -ffp-contract=off).
+# Contracted, softmax(a*b) took exp of the product's rounding error (~1e3 for |a*b| ~ 1e10): inf/inf = NaN
+# where eager gives 1 (GPU fuzzer, 2026-12-03). The math templates ask for their FMAs explicitly.
+BASE_OPTIONS = ("-std=c++17", "--fmad=false")
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
 

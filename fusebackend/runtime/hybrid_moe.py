@@ -62,7 +62,11 @@ class HybridMoELayer(CallTrace):
                 raise ValueError("expert %d: want gate, up, down of shapes %s and dtype %s; got %s" % (
                     i, want, self.dtype, [(tuple(t.shape), t.dtype) for t in w]))
         self._homes = []                 # the tensors handed to the pin registry, released by close()
-        self.host = [tuple(self._home(t) for t in w) for w in experts]
+        homes = [tuple(self._host_copy(t) for t in w) for w in experts]
+        prepare = getattr(self.api, "prepare_pins", None)
+        if prepare is not None:          # weights packed on the host heap share pages: registered as one span
+            prepare([t for w in homes for t in w])
+        self.host = [tuple(self._pin(t) for t in w) for w in homes]
         self.pool = staging if staging is not None else (
             StagingPool(self.api, self.hidden, self.ffn, self.dtype, staging_slots) if staging_slots else None)
         shape = (self.hidden, self.ffn, self.dtype)
@@ -94,12 +98,16 @@ class HybridMoELayer(CallTrace):
         f, gu, dn = gate_up_proj.shape[1] // 2, gate_up_proj.detach(), down_proj.detach()
         return cls([(gu[e, :f], gu[e, f:], dn[e]) for e in range(gu.shape[0])], **kw)
 
-    def _home(self, t):
+    @staticmethod
+    def _host_copy(t):
         t = t.detach()
         if t.device.type != "cpu":
             t = t.to("cpu")              # a device tensor gets the one host copy
         if not t.is_contiguous():
             t = t.contiguous()           # row blocks must be contiguous to stream in one copy
+        return t
+
+    def _pin(self, t):
         self._homes.append(t)
         return self.api.pin(t)
 

@@ -18,7 +18,7 @@ import weakref
 
 import torch
 
-from .cpu_worker import PINS
+from .pinning import PINS
 
 
 def weight_key(t: torch.Tensor):
@@ -76,6 +76,11 @@ class WeightHomes:
         self.resident[key] = (t._version, copy)
         return copy
 
+    def prepare_host(self, tensors):
+        """Register the pages of host-homed weights as few spans before they are pinned one by one (weights
+        packed on the heap share pages; registered singly, all but the first would get a copy)."""
+        PINS.prepare([t for t in tensors if t.device.type == "cpu" and weight_key(t) not in self.pinned])
+
     def host(self, t: torch.Tensor) -> torch.Tensor:
         """t in pinned memory: its own storage registered with CUDA where possible, else one pinned copy --
         through the process-wide registry the hybrid MoE layer uses too, so a storage is registered once
@@ -120,6 +125,9 @@ class PlacedProgram:
         args = list(args) if not isinstance(args, list) else args
         name = self.choose(args)
         program, slots = self.variants[name]
+        if not self.calls[name]:
+            self.homes.prepare_host([a for a, slot in zip(args, slots) if slot == "host" and
+                                     isinstance(a, torch.Tensor)])
         self.calls[name] += 1
         back = None
         homes = self.homes
