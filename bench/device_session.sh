@@ -5,7 +5,9 @@
 #     C: GPU tests, a fresh hardware profile, cost check, offload; D: placed (hybrid vs simple), decode attention,
 #     HF generate, optimizer, per-call overhead; E: GPU fuzz for FUZZ_S seconds; F: GPU tests + a short placed run
 #     (2026-12-02); G: GPU tests (interpreted and generated CUDA programs) beside 4 GPU fuzzers, then fuse vs
-#     all-GPU at the full budget with and without the per-call trace (2026-12-03)
+#     all-GPU at the full budget with and without the per-call trace; H: GPU tests beside 4 fuzzers (after the
+#     --fmad=false fix), HF generate with a budget vs accelerate, per-call and optimizer with generated CUDA
+#     programs off and on (2026-12-03)
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -70,6 +72,23 @@ G)   # everything since the last GPU run at once: tests twice (the CUDA generate
     --prefill 64 --strategies gpu_all,pinned,fuse --trace 0 --time-limit 60
   TAIL=14 step offload_full_trace 80 python3 bench/offload.py --out "$OUT/offload_full_trace" --budgets 1 \
     --batches 1,16 --prefill 64 --strategies gpu_all,fuse --trace 1 --time-limit 50
+  ;;
+H)
+  for s in 51 52 53 54; do
+    timeout "${FUZZ_S:-240}" python3 bench/fuzz_gpu.py --seconds $(( ${FUZZ_S:-240} - 25 )) --seed $s \
+      --log "$OUT/fuzz_$s.cases.txt" > "$OUT/fuzz_$s.log" 2>&1 &
+  done
+  step gpu_tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  wait
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -25
+  for s in 51 52 53 54; do tail -n 1 "$OUT/fuzz_$s.log"; done
+  TAIL=30 step hf_generate 150 python3 bench/hf_generate.py --models mixtral --shares 0.25 --new 16 --reps 2 \
+    --time-box 35 --out "$OUT/hf_generate"
+  TAIL=12 step per_call 45 python3 bench/per_call.py --device cuda --rounds 2
+  FUSEBACKEND_GENERATED_CUDA=1 TAIL=12 step per_call_generated 45 python3 bench/per_call.py --device cuda --rounds 2
+  TAIL=8 step optimizer 60 python3 bench/optimizer.py --device cuda --n 200 --opt adamw --backends fuse --max-s 8
+  FUSEBACKEND_GENERATED_CUDA=1 TAIL=8 step optimizer_generated 60 python3 bench/optimizer.py --device cuda \
+    --n 200 --opt adamw --backends fuse --max-s 8
   ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \
