@@ -7,7 +7,7 @@
 #     (2026-12-02); G: GPU tests (interpreted and generated CUDA programs) beside 4 GPU fuzzers, then fuse vs
 #     all-GPU at the full budget with and without the per-call trace; H: GPU tests beside 4 fuzzers (after the
 #     --fmad=false fix), HF generate with a budget vs accelerate, per-call and optimizer with generated CUDA
-#     programs off and on (2026-12-03)
+#     programs off and on (2026-12-02)
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}

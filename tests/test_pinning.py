@@ -24,8 +24,13 @@ def cuda_calls(monkeypatch):
         span = next(s for s in calls["register"] if s[0] * pinning._PAGE == ptr)
         calls["unregister"].append(span)
         calls["unregistered"].add(span)
+    def is_pinned(self):       # as CUDA answers: inside a span registered and not unregistered since
+        st = self.untyped_storage()
+        a, b = pinning._pages(st.data_ptr(), st.nbytes())
+        return any(s[0] <= a and b <= s[1] for s in calls["register"] if s not in calls["unregistered"])
     monkeypatch.setattr(pinning, "_register", register)
     monkeypatch.setattr(pinning, "_unregister", unregister)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", is_pinned)
     return calls
 
 
@@ -45,13 +50,15 @@ def test_prepared_weights_are_pinned_in_place_in_merged_spans(cuda_calls):
     ts = _packed()
     if not _share_pages(ts):
         pytest.skip("this allocator gave every weight its own pages")
-    reg.prepare(ts)
-    assert 1 <= len(cuda_calls["register"]) < len(ts)
+    spans = reg.prepare(ts + [ts[0][:0]])
+    assert 1 <= len(cuda_calls["register"]) == len(spans) < len(ts)
     before = [t.clone() for t in ts]
     pinned = [reg.pin(t) for t in ts]
     assert all(p.data_ptr() == t.data_ptr() for p, t in zip(pinned, ts))      # in place: no copy
     assert all(torch.equal(p, b) for p, b in zip(pinned, before))
     assert len(cuda_calls["register"]) == len(reg.clusters)
+    reg.drop_unused(spans)                 # every span holds a weight: none dropped
+    assert cuda_calls["unregister"] == []
     for t in ts[:-1]:
         reg.release(t)
     assert sorted(cuda_calls["unregister"]) == sorted(s for s in cuda_calls["register"] if s not in
@@ -78,3 +85,13 @@ def test_without_prepare_a_weight_sharing_a_registered_page_gets_one_copy(cuda_c
     assert torch.equal(reg.pin(second), second)
     reg.release(second), reg.release(second), reg.release(first)
     assert reg.entries == {} and reg.clusters == [] and len(cuda_calls["unregister"]) == 1
+
+
+def test_a_prepared_span_no_weight_took_is_dropped(cuda_calls):
+    reg = pinning._PinRegistry()
+    ts = _packed(4, 5000)
+    spans = reg.prepare(ts)
+    assert spans and all(t.is_pinned() for t in ts)
+    reg.drop_unused(spans)
+    assert sorted(cuda_calls["unregister"]) == sorted(tuple(c[:2]) for c in spans) and reg.clusters == []
+    assert not any(t.is_pinned() for t in ts)

@@ -15,28 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
+from ..graph.moe_grouped import fused_gate_up
 from .pinning import PINS
 
 _H2D = 1                       # cudaMemcpyHostToDevice
-
-
-def fused_gate_up(gate, up):
-    """A [2n, H] view over gate and up when up directly follows gate in memory (HF's gate_up_proj, our staging
-    layout): one matmul instead of two. None otherwise.
-
-    Adjacent addresses are not enough: two allocations can sit back to back (the CUDA caching allocator splits a
-    freed block that way, a host malloc may too) while each is its own storage, and a [2n, H] view of gate's
-    storage then runs past its end ("setStorage: ... out of bounds"). Both must be views of one storage that
-    holds the whole [2n, H] span."""
-    if (gate.device != up.device or gate.shape != up.shape or gate.dtype != up.dtype or not gate.is_contiguous()
-            or not up.is_contiguous()
-            or up.data_ptr() != gate.data_ptr() + gate.numel() * gate.element_size()):
-        return None
-    st = gate.untyped_storage()
-    if st.data_ptr() != up.untyped_storage().data_ptr() or (
-            (gate.storage_offset() + 2 * gate.numel()) * gate.element_size() > st.nbytes()):
-        return None
-    return gate.as_strided((2 * gate.shape[0], gate.shape[1]), (gate.shape[1], 1))
 
 
 def expert_layout(buf, rows, hidden):
@@ -126,7 +108,10 @@ class CudaApi:
         return torch.empty(shape, dtype=dtype, pin_memory=True)
 
     def prepare_pins(self, tensors):
-        PINS.prepare(tensors)
+        return PINS.prepare(tensors)
+
+    def drop_unused_pins(self, spans):
+        PINS.drop_unused(spans)
 
     def pin(self, t):
         return PINS.pin(t)

@@ -29,7 +29,7 @@ INCLUDE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "emit", "incl
 INSTALL_HINT = "pip install cupy-cuda13x"
 # --fmad=false: a*b+c rounds twice, as eager's separate kernels do (and as the CPU build's -ffp-contract=off).
 # Contracted, softmax(a*b) took exp of the product's rounding error (~1e3 for |a*b| ~ 1e10): inf/inf = NaN
-# where eager gives 1 (GPU fuzzer, 2026-12-03). The math templates ask for their FMAs explicitly.
+# where eager gives 1 (GPU fuzzer, 2026-12-02). The math templates ask for their FMAs explicitly.
 BASE_OPTIONS = ("-std=c++17", "--fmad=false")
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 

@@ -51,12 +51,15 @@ class _PinRegistry:
         return None if code is None else True          # True: pinned by someone else, usable as is
 
     def prepare(self, tensors):
-        """Register, as few spans, the pages of those of `tensors` not yet pinned (overlapping spans merged)."""
+        """Register, as few spans, the pages of those of `tensors` not yet pinned (overlapping spans merged).
+        Returns the spans registered; pass them to drop_unused once the tensors are pinned: a registered span
+        no weight holds could be freed and remapped under CUDA's feet."""
+        made = []
         with self.lock:
             spans = []
             for t in tensors:
                 st = t.untyped_storage()
-                if t.device.type != "cpu" or t.is_pinned() or st.data_ptr() in self.entries or not st.nbytes():
+                if t.device.type != "cpu" or st.data_ptr() in self.entries or not st.nbytes() or t.is_pinned():
                     continue
                 spans.append(list(_pages(st.data_ptr(), st.nbytes())))
             merged = []
@@ -67,7 +70,10 @@ class _PinRegistry:
                     merged.append(s)
             for s in merged:
                 if self._cluster_of(tuple(s)) is None:
-                    self._register_span(tuple(s))
+                    c = self._register_span(tuple(s))
+                    if isinstance(c, list):
+                        made.append(c)
+        return made
 
     def pin(self, t):
         st = t.untyped_storage()
@@ -77,17 +83,22 @@ class _PinRegistry:
             if ent is None:
                 orig = torch.empty(0, dtype=torch.uint8).set_(st)
                 base, cluster = orig, None
-                if not t.is_pinned():                   # already page-locked memory is used as is
-                    pages = _pages(ptr, st.nbytes())
-                    cluster = self._cluster_of(pages)
-                    if cluster is None:
-                        cluster = self._register_span(pages)
-                    if cluster is None or cluster is False:
-                        base, cluster = orig.pin_memory(), None     # refused: one pinned copy, not more
-                    elif cluster is True:
-                        cluster = None
-                    else:
-                        cluster[2] += 1
+                pages = _pages(ptr, st.nbytes())
+                found = self._cluster_of(pages) if st.nbytes() else None
+                if isinstance(found, list):             # inside a span we registered (ours report is_pinned too)
+                    cluster = found
+                elif t.is_pinned():                     # someone else's page-locked memory, used as is
+                    pass
+                elif found is False:                    # shares a page with one of our spans: cannot register
+                    base = orig.pin_memory()
+                else:
+                    c = self._register_span(pages)
+                    if c is None:
+                        base = orig.pin_memory()        # refused: one pinned copy, not more
+                    elif isinstance(c, list):
+                        cluster = c
+                if cluster is not None:
+                    cluster[2] += 1
                 ent = self.entries[ptr] = [base, cluster, 0, orig, t._version]
             elif ent[0].data_ptr() != ptr and ent[4] != t._version:
                 ent[0].copy_(ent[3])                    # the weight changed since its copy was taken
@@ -117,12 +128,13 @@ class _PinRegistry:
                     self.clusters.remove(c)
                     _unregister(c[0] * _PAGE)
 
-    def drop_unused(self):
-        """Unregister clusters `prepare` made that no weight ended up in."""
+    def drop_unused(self, spans):
+        """Unregister those of `spans` (from prepare) that no weight ended up in."""
         with self.lock:
-            for c in [c for c in self.clusters if c[2] <= 0]:
-                self.clusters.remove(c)
-                _unregister(c[0] * _PAGE)
+            for c in spans:
+                if c[2] <= 0 and any(x is c for x in self.clusters):
+                    self.clusters.remove(c)
+                    _unregister(c[0] * _PAGE)
 
 
 def _register(ptr, nbytes):
@@ -140,7 +152,11 @@ def _register(ptr, nbytes):
 
 
 def _unregister(ptr):
-    torch.cuda.cudart().cudaHostUnregister(ptr)
+    rt = torch.cuda.cudart()
+    if int(rt.cudaHostUnregister(ptr)) != 0:        # must not surface later as another call's error
+        clear = getattr(rt, "cudaGetLastError", None)
+        if clear is not None:
+            clear()
 
 
 PINS = _PinRegistry()

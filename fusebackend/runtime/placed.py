@@ -79,7 +79,7 @@ class WeightHomes:
     def prepare_host(self, tensors):
         """Register the pages of host-homed weights as few spans before they are pinned one by one (weights
         packed on the heap share pages; registered singly, all but the first would get a copy)."""
-        PINS.prepare([t for t in tensors if t.device.type == "cpu" and weight_key(t) not in self.pinned])
+        return PINS.prepare([t for t in tensors if t.device.type == "cpu" and weight_key(t) not in self.pinned])
 
     def host(self, t: torch.Tensor) -> torch.Tensor:
         """t in pinned memory: its own storage registered with CUDA where possible, else one pinned copy --
@@ -125,9 +125,10 @@ class PlacedProgram:
         args = list(args) if not isinstance(args, list) else args
         name = self.choose(args)
         program, slots = self.variants[name]
+        spans = None
         if not self.calls[name]:
-            self.homes.prepare_host([a for a, slot in zip(args, slots) if slot == "host" and
-                                     isinstance(a, torch.Tensor)])
+            spans = self.homes.prepare_host([a for a, slot in zip(args, slots) if slot == "host" and
+                                             isinstance(a, torch.Tensor)])
         self.calls[name] += 1
         back = None
         homes = self.homes
@@ -146,6 +147,8 @@ class PlacedProgram:
                 moved.append(homes.host(a))
             else:
                 moved.append(a)
+        if spans:
+            PINS.drop_unused(spans)
         args.clear()
         outs = program(moved)
         if back is None:
