@@ -4,6 +4,7 @@
     fusebackend dump path/to/file.py:make_model         # make_model() -> (model, example_inputs)
     fusebackend dump gpt2_block --train --svg g.svg     # forward and backward graphs; one SVG per graph
     fusebackend dump mlp --options max_group_nodes=4 --source --out dumps/
+    fusebackend dump llama_layer --device cuda --profile  # eager / Inductor / fuse per call: host, GPU, TKLQT
 
 Exit codes: 0 done, 1 the compile or the model itself failed, 2 a usage error (one line on stderr says what
 to fix).
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--svg", metavar="FILE", help="draw the graph as SVG (FILE_<i>_<kind>.svg if several graphs)")
     d.add_argument("--dot", metavar="FILE", help="write Graphviz DOT text (same naming as --svg)")
     d.add_argument("--out", metavar="DIR", help="write every graph's .txt/.json/.svg/.dot and kernel sources")
+    d.add_argument("--profile", action="store_true",
+                   help="then time calls of eager, Inductor and fuse: wall, host, GPU busy and kernel launch-"
+                        "plus-queue time (TKLQT) per call, and whether the call is launch- or GPU-bound")
+    d.add_argument("--profile-reps", type=int, default=20, metavar="N", help="calls timed per backend (20)")
     d.add_argument("-q", "--quiet", action="store_true", help="do not print the text summary")
     d.add_argument("--traceback", action="store_true", help="show the full traceback when something fails")
     sub.add_parser("models", help="list the model-zoo entries", description="List the model-zoo entries.")
@@ -158,6 +163,14 @@ def _loss(out):
     return sum(t.float().sum() for t in leaves)
 
 
+def _split_inputs(inputs):
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    if isinstance(inputs, (list, tuple)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
 def compile_and_run(model, inputs, options, train, dynamo_config):
     """Compile with backend='fuse', run once (and backward with train); returns the GraphReports."""
     import torch
@@ -165,12 +178,7 @@ def compile_and_run(model, inputs, options, train, dynamo_config):
     from ..capture.backend import fuse
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=fuse, options=options) if options else torch.compile(model, backend=fuse)
-    if isinstance(inputs, dict):
-        args, kwargs = (), dict(inputs)
-    elif isinstance(inputs, (list, tuple)):
-        args, kwargs = tuple(inputs), {}
-    else:
-        args, kwargs = (inputs,), {}
+    args, kwargs = _split_inputs(inputs)
     if train and isinstance(model, torch.nn.Module):
         model.train()
     grad = torch.enable_grad() if train else torch.no_grad()
@@ -215,6 +223,11 @@ def cmd_dump(args) -> int:
             raise UsageError("%s %s: folder %s does not exist" % (flag, path, os.path.dirname(path)))
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError("--out %s is a file, not a folder" % args.out)
+    if args.profile and (args.train or plan_only):
+        raise UsageError("--profile times inference calls on a real device: drop %s"
+                         % ("--train" if args.train else "gpu_memory_budget (no GPU here to run it)"))
+    if args.profile_reps < 1:
+        raise UsageError("--profile-reps %d: give at least 1" % args.profile_reps)
     model, inputs, dynamo_config = load_target(args.target, args.size, device, dtype, args.seed)
     try:
         if plan_only:
@@ -245,6 +258,13 @@ def cmd_dump(args) -> int:
         for d in datas:
             print()
             sys.stdout.write(render_text(d, sources=args.source))
+    if args.profile:
+        from .call_profile import compare_backends, format_profiles
+        pos, kw = _split_inputs(inputs)
+        with torch._dynamo.config.patch(**dynamo_config):
+            profiles = compare_backends(model, pos, options, reps=args.profile_reps, kwargs=kw)
+        print()
+        print(format_profiles(profiles))
     many = len(datas) > 1
     written = []
     for d in datas:

@@ -21,6 +21,8 @@ class Report:
     graph_reports: list = field(default_factory=list)
     placements: list = field(default_factory=list)   # PlacementPlan of each placed graph (gpu_memory_budget)
     moe_trace: list = field(default_factory=list)    # hybrid MoE layers' per-call decisions (inspection/moe_trace)
+    moe_layers: list = field(default_factory=list)   # MoE layers run as one op without a budget (moe_rewrite)
+    profiles: list = field(default_factory=list)     # explain(profile=True): call_profile.CallProfile per backend
 
     def __str__(self):
         lines = ["fusebackend report: %d graph(s), %d fused kernel(s), %d ATen call(s), %d view(s) per call"
@@ -33,20 +35,26 @@ class Report:
                 lines.append("  " + g.describe(r.graph) + flag)
             for b in getattr(r, "batches", None) or ():
                 lines.append("  " + b.describe())
+            lines += ["  " + m for m in getattr(r, "moe_layers", None) or ()]
             if getattr(r, "placement", None) is not None:
                 from ..passes.placement import format_plan
                 lines += ["  " + l for l in format_plan(r.placement).splitlines()]
         if self.moe_trace:
             from .moe_trace import format_trace
             lines.append(format_trace(self.moe_trace))
+        if self.profiles:
+            from .call_profile import format_profiles
+            lines.append(format_profiles(self.profiles))
         if self.fallbacks:
             lines.append("fallbacks:")
             lines += ["  %s: %s" % (op, reason.splitlines()[0]) for op, reason in self.fallbacks]
         return "\n".join(lines)
 
 
-def explain(fn, *args, options=None, **kwargs) -> Report:
-    """Compile `fn` with backend="fuse" (Dynamo state is reset first), call it once on args, report."""
+def explain(fn, *args, options=None, profile=False, **kwargs) -> Report:
+    """Compile `fn` with backend="fuse" (Dynamo state is reset first), call it once on args, report.
+    profile=True also times calls of eager, Inductor and fuse (inspection/call_profile.py): host time, GPU busy
+    time, kernel launch-plus-queue time per call, and whether the call is launch- or GPU-bound."""
     from ..capture.backend import fuse
     from .moe_trace import trace_rows
     torch._dynamo.reset()
@@ -61,6 +69,9 @@ def explain(fn, *args, options=None, **kwargs) -> Report:
         if own:
             os.environ.pop("FUSEBACKEND_MOE_TRACE", None)
     rep = Report(graph_reports=list(reps), num_graphs=len(reps))
+    if profile:
+        from .call_profile import compare_backends
+        rep.profiles = compare_backends(fn, args, options, kwargs=kwargs)
     seen = set()
     for r in reps:
         moe = getattr(r, "moe", None)
@@ -77,6 +88,7 @@ def explain(fn, *args, options=None, **kwargs) -> Report:
         rep.fallbacks += r.fallbacks
         if getattr(r, "placement", None) is not None:
             rep.placements.append(r.placement)
+        rep.moe_layers += getattr(r, "moe_layers", None) or []
         for g in r.groups:
             rep.groups.append({"graph": r.kind, "id": g.id, "kind": g.kind, "device": g.device,
                                "domain": tuple(g.domain), "reduce_dims": tuple(g.reduce_dims),
