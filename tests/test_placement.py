@@ -200,3 +200,22 @@ def test_placed_execution_matches_eager_within_the_budget(name, share, hybrid, m
     torch.testing.assert_close(out2, ref2, rtol=1e-5, atol=1e-5)
     activations = sum(x.numel() * x.element_size() for x in inputs) * 64
     assert torch.cuda.max_memory_allocated() - base <= budget + activations + experts // 4 + (1 << 21)
+
+
+@pytest.mark.gpu
+def test_hf_experts_run_outside_the_graphs_are_named_in_one_warning():
+    """transformers' experts_implementation='eager' loops over the hit experts with a graph break: the experts
+    are in no graph, so nothing places them. The result is still eager's, and one warning says what to set."""
+    pytest.importorskip("transformers")
+    from placement_graphs import tiny_hf
+    model, (ids,) = tiny_hf("mixtral", "eager")
+    with torch.no_grad():
+        ref = model(ids)
+        compiled = torch.compile(model, backend="fuse", options={"gpu_memory_budget": "10%"})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outs = [compiled(ids) for _ in range(3)]
+    said = [str(w.message) for w in caught if "no compiled graph holds its experts" in str(w.message)]
+    assert len(said) == 1 and "grouped_mm" in said[0], [str(w.message) for w in caught]
+    for out in outs:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

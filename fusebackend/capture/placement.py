@@ -108,6 +108,7 @@ def _compile_graph(ctx, gm, example_inputs):
     fg = lower(gm)
     fg.input_labels = {name: ctx["labels"][i] for i, name in enumerate(fg.inputs) if i < len(ctx["labels"])}
     patterns = find_patterns(fg)
+    homes.experts_seen += len(patterns.experts)
     names = [fg.inputs[i] for i in ctx["weight_idx"]]
     sizes = {w: fg.node(w).meta.numel * fg.node(w).meta.dtype.itemsize for w in names}
     known = {w: homes.home_of(t) for w, t in zip(names, ctx["weights"]) if homes.home_of(t)}
@@ -159,6 +160,7 @@ def _compile_graph(ctx, gm, example_inputs):
     program = PlacedProgram(built, _chooser(plan, patterns, profile, homes, names, fg), homes,
                             [fg.inputs.index(w) for w in names], plan)
     program.moe_bindings = bindings      # the handlers of its moe_experts ops live as long as it does
+    program.orphan_routers = [] if patterns.experts else list(patterns.routers)
     rep.moe = homes.moe if bindings else None
     rep.program = built[next(iter(built))][0]
     records.record(rep, opts)

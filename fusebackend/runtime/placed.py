@@ -14,6 +14,7 @@ breaks and a weight read by two graphs has one home and one resident copy.
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 
 import torch
@@ -37,6 +38,8 @@ class WeightHomes:
         self.resident_bytes = 0    # bytes of weights given a GPU home (whether copied yet or not)
         self.lock = threading.Lock()
         self.moe = None            # runtime/placed_moe.ModelMoE: the model's hybrid MoE layers, if any
+        self.experts_seen = 0      # expert candidates in any of the model's graphs (capture/placement.py)
+        self.orphan_warned = False
         self._pins = []            # the tensors this ledger pinned: released (unpinned, let go) with it
         weakref.finalize(self, _release_all, self._pins)
 
@@ -125,6 +128,8 @@ class PlacedProgram:
         args = list(args) if not isinstance(args, list) else args
         name = self.choose(args)
         program, slots = self.variants[name]
+        if self.calls[name] == 1 and getattr(self, "orphan_routers", None):
+            self._warn_orphan_routers()
         spans = None
         if not self.calls[name]:
             spans = self.homes.prepare_host([a for a, slot in zip(args, slots) if slot == "host" and
@@ -154,6 +159,22 @@ class PlacedProgram:
         if back is None:
             return outs
         return [o.to(back) if isinstance(o, torch.Tensor) and o.device.type == "cuda" else o for o in outs]
+
+
+    def _warn_orphan_routers(self):
+        """By a graph's second call every graph of the model has compiled: if this one routes to experts and no
+        graph holds any, they ran outside the compiled graphs -- unplaced, where their weights are."""
+        homes = self.homes
+        if homes.experts_seen or homes.orphan_warned:
+            return
+        homes.orphan_warned = True
+        r = self.orphan_routers[0]
+        warnings.warn("fusebackend: gpu_memory_budget: a router (top-%s of %d experts%s) was compiled but no "
+                      "compiled graph holds its experts: Dynamo ran them outside the graphs, so they are not "
+                      "placed and compute where their weights are (host memory: on the CPU). transformers 5.x "
+                      "runs experts so with experts_implementation='eager'; set "
+                      "model.config._experts_implementation = 'grouped_mm' to have them placed"
+                      % (r.top_k, r.experts, ", at %s" % r.label if r.label else ""), stacklevel=3)
 
 
 def _release_all(tensors):
