@@ -27,7 +27,8 @@ from torch._dynamo.backends.common import aot_autograd  # noqa: E402
 from torch._guards import detect_fake_mode  # noqa: E402
 
 from fusebackend.capture import fake_cuda  # noqa: E402
-from fusebackend.capture import decompositions  # noqa: E402
+from fusebackend.capture import decompositions, moe_layers  # noqa: E402
+from fusebackend.capture.records import GraphReport  # noqa: E402
 from fusebackend.emit import EmitError, emit_kernel  # noqa: E402
 from fusebackend.graph import lower  # noqa: E402
 from fusebackend.options import FuseOptions  # noqa: E402
@@ -37,6 +38,7 @@ from fusebackend.passes import plan_groups  # noqa: E402
 def plan_graph(gm, opts: FuseOptions) -> dict:
     """fuse's grouping of one ATen graph, with launches counted as the runtime would make them."""
     fg = lower(gm)
+    moe_layers.rewrite(fg, opts, "inference", GraphReport(kind="inference", graph=fg))   # as compile_graph does
     groups, batches = plan_groups(fg, opts.max_group_nodes)
     source, failed = {}, []
     for g in groups:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -58,6 +59,9 @@ class FuseOptions:
     hardware_profile: Optional[Union[str, dict]] = None
     # Expert popularity for placement: {layer: [share of tokens per expert]}; None: uniform.
     routing_profile: Optional[dict] = None
+    # Without a budget, each whole MoE layer (HF's loop, or every expert masked by its gate) runs as one op with
+    # one device -> host sync per call (passes/moe_rewrite.py). Default: on unless $FUSEBACKEND_MOE_OP=0.
+    moe_op: bool = dataclasses.field(default_factory=lambda: os.environ.get("FUSEBACKEND_MOE_OP", "1") != "0")
 
     @classmethod
     def from_dict(cls, options) -> "FuseOptions":
@@ -89,6 +93,7 @@ class FuseOptions:
              and self.compile_threads >= 0, "compile_threads", "an int >= 0")
         need(self.dump_dir is None or isinstance(self.dump_dir, str), "dump_dir", "a path string or None")
         need(isinstance(self.pad_matmul, bool), "pad_matmul", "True or False")
+        need(isinstance(self.moe_op, bool), "moe_op", "True or False")
         if self.gpu_memory_budget is not None:
             budget_fraction_or_bytes(self.gpu_memory_budget)
         need(self.hardware_profile is None or isinstance(self.hardware_profile, (str, dict)), "hardware_profile",

@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch._dynamo.backends.common import aot_autograd
 
-from . import decompositions, records as report_mod
+from . import decompositions, moe_layers, records as report_mod
 from ..graph import lower
 from ..graph.fusion_graph import FusionGraph
 from ..options import FuseOptions
@@ -70,6 +70,7 @@ def compile_graph(opts: FuseOptions, kind: str, gm: torch.fx.GraphModule, exampl
         warnings.warn("fusebackend: %s; this graph runs as ATen calls" % e)
         return _boxed(gm)
     rep = report_mod.GraphReport(kind=kind, graph=fg)
+    moe_layers.rewrite(fg, opts, kind, rep)      # whole MoE layers as one op: one host sync, not one per expert
     if not _sizes_evaluable(fg):
         rep.fallbacks.append(("graph", "symbolic sizes we cannot evaluate at run time: the graph runs as ATen"))
         report_mod.record(rep, opts)

@@ -25,6 +25,13 @@ class GraphReport:
     program: Any = None
     placement: Any = None         # passes.placement.PlacementPlan when compiled with gpu_memory_budget
     patterns: Any = None          # passes.patterns.Patterns found in the graph (placement only)
+    moe_layers: list = field(default_factory=list)   # MoE layers rewritten into one op (capture/moe_layers.py)
+
+    def __post_init__(self):
+        # a graph that already holds the ops (a warm start from the program cache): name them
+        if not self.moe_layers and self.graph is not None and hasattr(self.graph, "nodes"):
+            self.moe_layers = ["%s: a MoE layer as one op" % n.name for n in self.graph.nodes()
+                               if n.target is not None and n.op_name == "moe_experts.default"]
 
     @property
     def num_kernels(self) -> int:

@@ -11,8 +11,10 @@ any ATen op: FX and fake tensors give its meta, the runtime calls it as an ATen 
     out[t] = sum_j weights[t, j] * down_e(silu(gate_e x_t) * up_e x_t),  e = idx[t, j]
     (gate, up: [F, H]; down: [H, F]; products as F.linear.)
 
-`layer` selects the handler the runtime installed (HANDLERS); without one the op computes the formula
-directly (float32 accumulation, rounded once, as the hybrid layer does), wherever its tensors are.
+`layer` selects the handler the runtime installed (HANDLERS); without one (UNBOUND, the key of layers rewritten
+without a memory budget: capture/moe_layers.py) the op computes the formula itself with one device -> host
+sync (graph/moe_grouped.py: float32 accumulation, rounded once, as the hybrid layer does), wherever its tensors
+are. `reference_moe` is the same formula spelled per expert, one nonzero each.
 """
 from __future__ import annotations
 
@@ -20,6 +22,10 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+
+from .moe_grouped import sorted_moe
+
+UNBOUND = 0              # the `layer` key no handler is ever installed under (placement's keys start at 1)
 
 # layer key -> an object with .forward(hidden, idx, weights, experts, layout) (the runtime's hybrid layer); held
 # weakly: the compiled program owns its layers
@@ -56,7 +62,7 @@ def moe_experts(hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, 
     handler = HANDLERS.get(layer)
     if handler is not None:
         return handler.forward(hidden, idx, weights, experts, layout)
-    return reference_moe(hidden, idx, weights, experts, layout)
+    return sorted_moe(hidden, idx, weights, expert_triples(experts, layout))
 
 
 @moe_experts.register_fake

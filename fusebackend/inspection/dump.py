@@ -173,6 +173,8 @@ def graph_data(rep, index: int = 0) -> dict:
     }
     if batches:
         data["batches"] = [_plain(b) for b in batches]
+    if getattr(rep, "moe_layers", None):
+        data["moe_layers"] = list(rep.moe_layers)
     plan = getattr(rep, "placement", None)
     if plan is not None:
         from ..passes.placement import format_plan

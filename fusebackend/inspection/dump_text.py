@@ -79,6 +79,10 @@ def render_text(data: dict, sources: bool = False) -> str:
         out.append("")
         out.append("horizontal batches (%d):" % len(data["batches"]))
         out += ["  " + _item_text(b) for b in data["batches"]]
+    if data.get("moe_layers"):
+        out.append("")
+        out.append("MoE layers as one moe_experts op (%d):" % len(data["moe_layers"]))
+        out += ["  " + line for line in data["moe_layers"]]
     if data.get("patterns"):
         out.append("")
         out.append("placement candidates found (%d):" % len(data["patterns"]))

@@ -45,8 +45,10 @@ def prune(fg: FusionGraph) -> set:
     return gone
 
 
-def rewrite_layer(fg: FusionGraph, layer: MoELayer, key: int) -> str:
-    """Replace `layer` by one moe_experts node (its `layer` argument: `key`); returns the node's name."""
+def rewrite_layer(fg: FusionGraph, layer: MoELayer, key: int, host_weights: bool = True) -> str:
+    """Replace `layer` by one moe_experts node (its `layer` argument: `key`); returns the node's name.
+    host_weights: the expert weights become host inputs (placement: the op's runtime stages them); False
+    leaves them where they are (passes/moe_rewrite.py)."""
     out = fg.node(layer.output)
     weights = list(dict.fromkeys(Ref(u.input) for trio in layer.expert_weights for u in trio))
     if layer.layout == 0 and any(u.expert_index is not None for trio in layer.expert_weights for u in trio):
@@ -67,7 +69,7 @@ def rewrite_layer(fg: FusionGraph, layer: MoELayer, key: int) -> str:
         fg.g.remove_edge(layer.output, user)
         fg.g.add_edge(name, user)
     fg.outputs = [Ref(name, o.item) if isinstance(o, Ref) and o.name == layer.output else o for o in fg.outputs]
-    for w in weights:                                   # homed in host memory: the op's runtime stages them
+    for w in weights if host_weights else ():           # homed in host memory: the op's runtime stages them
         p = fg.node(w.name)
         if p.meta is not None:
             p.meta = dataclasses.replace(p.meta, device="cpu")
