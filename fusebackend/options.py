@@ -32,6 +32,9 @@ class FuseOptions:
     cudagraphs: bool = False
     # Where compiled kernels are cached (default: $FUSEBACKEND_CACHE_DIR or ~/.cache/fusebackend).
     cache_dir: Optional[str] = None
+    # Keep each compiled graph's program in that cache too, so a warm start skips lowering, passes and emission
+    # (runtime/program_cache.py). None: on, unless $FUSEBACKEND_PROGRAM_CACHE=0.
+    program_cache: Optional[bool] = None
     # 'warn': a group that cannot be compiled runs as ATen with one warning; 'error': raise instead.
     fallback: str = "warn"
     # Largest number of ATen nodes fused into one kernel.
@@ -86,6 +89,8 @@ class FuseOptions:
                 raise OptionError("fusebackend: option %r must be %s, got %r" % (name, what, getattr(self, name)))
         need(isinstance(self.cudagraphs, bool), "cudagraphs", "True or False")
         need(self.cache_dir is None or isinstance(self.cache_dir, str), "cache_dir", "a path string or None")
+        need(self.program_cache is None or isinstance(self.program_cache, bool), "program_cache",
+             "True, False or None")
         need(self.fallback in ("warn", "error"), "fallback", "one of 'warn', 'error'")
         need(isinstance(self.max_group_nodes, int) and not isinstance(self.max_group_nodes, bool)
              and self.max_group_nodes >= 1, "max_group_nodes", "an int >= 1")

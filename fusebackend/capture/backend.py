@@ -12,7 +12,7 @@ from ..graph import lower
 from ..graph.fusion_graph import FusionGraph
 from ..options import FuseOptions
 from ..passes import plan_groups
-from ..runtime import build_program
+from ..runtime import build_program, program_cache
 from .kernels import build_kernels
 
 
@@ -61,6 +61,10 @@ def _aot_parameters() -> frozenset:
 
 
 def compile_graph(opts: FuseOptions, kind: str, gm: torch.fx.GraphModule, example_inputs):
+    key = program_cache.key(opts, kind, gm)
+    warm = program_cache.load(key, opts, gm) if key is not None else None
+    if warm is not None:                 # a warm start: lowering, passes and emission were done before
+        return _warm_program(opts, kind, warm)
     try:
         fg = lower(gm)
     except NotImplementedError as e:     # a graph construct we do not lower: the whole graph runs as ATen
@@ -78,8 +82,21 @@ def compile_graph(opts: FuseOptions, kind: str, gm: torch.fx.GraphModule, exampl
         return _boxed(gm)
     groups, batches = plan_groups(fg, opts.max_group_nodes)
     kernels = build_kernels(fg, groups, opts, rep)
+    # encoded before build_program, which is what a warm start runs again on the decoded state
+    entry = program_cache.encode(key, gm, fg, groups, batches, rep.specs, kernels, rep.fallbacks) if key else None
     program = build_program(fg, groups, kernels, opts, batches)
     rep.groups, rep.batches, rep.program = groups, batches, program
+    report_mod.record(rep, opts)
+    if entry is not None:
+        program_cache.store(key, opts, entry)
+    return _boxed_program(program)
+
+
+def _warm_program(opts, kind, warm):
+    rep = report_mod.GraphReport(kind=kind, graph=warm.fg, sources=warm.sources, fallbacks=warm.fallbacks)
+    rep.specs = warm.specs
+    program = build_program(warm.fg, warm.groups, warm.kernels, opts, warm.batches)
+    rep.groups, rep.batches, rep.program = warm.groups, warm.batches, program
     report_mod.record(rep, opts)
     return _boxed_program(program)
 
