@@ -7,7 +7,8 @@
 #     (2026-12-02); G: GPU tests (interpreted and generated CUDA programs) beside 4 GPU fuzzers, then fuse vs
 #     all-GPU at the full budget with and without the per-call trace; H: GPU tests beside 4 fuzzers (after the
 #     --fmad=false fix), HF generate with a budget vs accelerate, per-call and optimizer with generated CUDA
-#     programs off and on (2026-12-02)
+#     programs off and on; I: the last call -- GPU tests beside 2 fuzzers, then the MoE and horizontal anchors,
+#     the optimizer step and dump --profile (2026-12-02)
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -89,6 +90,27 @@ H)
   TAIL=8 step optimizer 60 python3 bench/optimizer.py --device cuda --n 200 --opt adamw --backends fuse --max-s 8
   FUSEBACKEND_GENERATED_CUDA=1 TAIL=8 step optimizer_generated 60 python3 bench/optimizer.py --device cuda \
     --n 200 --opt adamw --backends fuse --max-s 8
+  ;;
+I)   # the last call: GPU tests beside 2 fuzzers, the program cache on CUDA (a second run hits), the anchors
+  for s in 61 62; do
+    timeout 250 python3 bench/fuzz_gpu.py --seconds 225 --seed $s --log "$OUT/fuzz_$s.cases.txt" \
+      > "$OUT/fuzz_$s.log" 2>&1 &
+  done
+  step gpu_tests 290 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  wait
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
+  for s in 61 62; do tail -n 1 "$OUT/fuzz_$s.log"; done
+  export PC=$(mktemp -d)
+  for r in cold warm; do
+    FUSEBACKEND_PROGRAM_CACHE=1 FUSEBACKEND_CACHE_DIR=$PC TAIL=3 step program_cache_$r 35 python3 -m pytest -q -m gpu \
+      -p no:cacheprovider tests/test_cuda.py tests/test_wrapper.py
+  done
+  ls "$PC/programs" 2>/dev/null | wc -l
+  TAIL=14 step moe_op 55 python3 bench/moe_op.py --device cuda --rounds 3
+  TAIL=6 step gpu_horizontal 45 python3 bench/gpu.py --only horizontal_100 --out "$OUT/gpu_horizontal.json"
+  TAIL=8 step optimizer 45 python3 bench/optimizer.py --device cuda --n 200 --opt adamw --backends fuse --max-s 6
+  TAIL=8 step profile 40 python3 -m fusebackend dump llama_layer --device cuda --dtype bf16 --size bench \
+    --profile -q
   ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \
