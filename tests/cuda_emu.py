@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import tempfile
+import types
 
 import torch
 
@@ -164,6 +165,20 @@ class EmuKernel(cc.CudaKernel):
 
     def upload(self, values, index):
         return torch.tensor(values, dtype=torch.int64)
+
+    def batch_function(self, source, name, nptr, k, table, index):
+        """A batch entry of `source` (runtime/cuda_batch.entry_function: a divergent kernel, or table mode
+        with table=True), built for the emulator; its handle (3, 4, ...) for the driver."""
+        entries = self.__dict__.setdefault("entries", {})
+        if (name, table) not in entries:
+            args = (2, 1) if table else (nptr, k)
+            spec = types.SimpleNamespace(source=("#define FB_TABLE 1\n" if table else "") + source,
+                                         batch_name=name + ("_t" if table else ""),
+                                         num_operands=args[0], num_meta=1,
+                                         launch={"batch_max": args[1]})
+            handle = entries[name, table] = 3 + len(entries)
+            self.driver.fns[handle] = build(spec, batch=True)
+        return entries[name, table]
 
     def device_info(self, index):
         return self.dev

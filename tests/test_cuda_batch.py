@@ -133,11 +133,12 @@ def test_emulated_block_rows_batch():
 
 
 def test_emulated_batch_in_chunks(monkeypatch):
-    """More problems than one argument struct holds: several launches of the batch entry."""
+    """More problems than one argument struct holds: one launch, the problem table in device memory (argument
+    mode in launches of 5 under a CUDA graph capture: tests/test_horizontal_divergent.py)."""
     monkeypatch.setattr(cuda_target, "MAX_PARAM_BYTES", 8 * 2 * 5 + 4 * 5 + 24)     # 5 problems per launch
     step = _run_batched(horizontal, lambda: tuple(torch.randn(4 + i, 16) for i in range(12)), calls=1)
     assert step.launch.spec.launch["batch_max"] == 5
-    assert len(step.plan.launches) == 3 and len(step.launch.shapes) == 3
+    assert step.plan.mode == "table" and len(step.plan.launches) == 1 and len(step.launch.shapes) == 1
 
 
 # ---------------------------------------------------------------- outputs from one allocation (no GPU)

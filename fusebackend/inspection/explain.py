@@ -33,8 +33,11 @@ class Report:
             for g in r.groups:
                 flag = "  [fallback: %s]" % g.fallback_reason.splitlines()[0] if g.fallback_reason else ""
                 lines.append("  " + g.describe(r.graph) + flag)
+            steps = [s for s in getattr(r.program, "steps", ()) if getattr(s, "kind", None) == "batch"]
             for b in getattr(r, "batches", None) or ():
                 lines.append("  " + b.describe())
+                lines += ["    runs: " + s.describe() for s in steps
+                          if getattr(s, "batch_id", None) == b.id and hasattr(s, "describe")]
             lines += ["  " + m for m in getattr(r, "moe_layers", None) or ()]
             if getattr(r, "placement", None) is not None:
                 from ..passes.placement import format_plan

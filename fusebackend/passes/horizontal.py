@@ -1,9 +1,11 @@
 """Horizontal fusion: independent kernel groups that can share one launch.
 
 Groups at the same depth of the group DAG never depend on each other. The pass orders groups by depth
-(a valid schedule) and proposes batches: kernel groups of one depth, device and structure. The runtime
-launches a batch as one kernel whose problems each carry their own pointers and sizes (the emitters'
-batch entry point), when the members' kernels are the same code.
+(a valid schedule) and proposes batches: kernel groups of one depth and device, whatever code each runs.
+Groups of one signature are one chain (the same generated body); a batch of several chains is divergent:
+each problem carries its own pointers, sizes and chain id, and the runtime launches the batch as one kernel
+that switches on the chain (CUDA: emit/cuda_batch.py; the CPU: one parallel region calling each problem's
+kernel, runtime/cpu_batch.py). horizontal_cost.py decides which merges pay and says why.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..graph.fusion_graph import FusionGraph
-from .horizontal_cost import group_bytes, merge_note, split_batch
+from .horizontal_cost import group_bytes, plan_merges
 
 
 @dataclass
@@ -21,16 +23,21 @@ class Batch:
     device: str
     groups: list = field(default_factory=list)    # group ids, in launch order
     note: str = ""                                # why merging pays (horizontal_cost.merge_note)
-    apart: list = field(default_factory=list)     # (group id, reason): same code, kept out by the cost rule
+    apart: list = field(default_factory=list)     # (group id, reason): of this depth, kept out by the cost rule
+    chains: int = 1                               # distinct signatures among the groups (1: one code)
+    launches: list = field(default_factory=list)  # how the runtime launched it, where not as one (its notes)
 
     def describe(self) -> str:
         if len(self.groups) < 2:       # the cost rule dissolved it: only the reasons are left
             text = "b%d %s: not merged" % (self.id, self.device)
             return text + "".join("; " + why for _, why in self.apart)
-        text = "b%d %s: %d kernels in one launch (g%s)" % (self.id, self.device, len(self.groups),
-                                                          ", g".join(str(g) for g in self.groups))
+        ids = ["g%d" % g for g in self.groups]
+        if len(ids) > 12:
+            ids = ids[:6] + ["..."] + ids[-2:]
+        text = "b%d %s: %d kernels in one launch (%s)" % (self.id, self.device, len(self.groups), ", ".join(ids))
         text += ": " + self.note if self.note else ""
-        return text + "".join("; kept apart: " + why for _, why in self.apart)
+        text += "".join("; kept apart: " + why for _, why in self.apart)
+        return text + "".join("; runtime: " + why for why in self.launches)
 
 
 def signature(fg: FusionGraph, group) -> tuple:
@@ -48,8 +55,9 @@ def signature(fg: FusionGraph, group) -> tuple:
 
 
 def batch_horizontal(fg: FusionGraph, groups: list, min_size: int = 2, threads: int = 0):
-    """Returns (groups in depth order, batches). Groups of one signature at one depth form a batch, less those
-    the cost rule keeps apart (horizontal_cost.py; threads: the CPU's, default torch's intra-op threads)."""
+    """Returns (groups in depth order, batches). The kernel groups of one depth and device form batches, as the
+    cost rule merges and splits them (horizontal_cost.plan_merges; threads: the CPU's, default torch's
+    intra-op threads)."""
     owner = {n: g.id for g in groups for n in g.nodes}
     depth = {}
     for g in groups:                                  # groups arrive in a topological order
@@ -59,19 +67,20 @@ def batch_horizontal(fg: FusionGraph, groups: list, min_size: int = 2, threads: 
     buckets: dict = {}
     for g in ordered:
         if g.is_kernel and all(fg.node(n).meta is not None and fg.node(n).meta.is_static for n in g.nodes):
-            buckets.setdefault((depth[g.id], signature(fg, g)), []).append(g.id)
+            buckets.setdefault((depth[g.id], g.device), []).append(g.id)
     batches = []
     by_id = {g.id: g for g in groups}
     threads = threads or torch.get_num_threads()
-    for members in buckets.values():
+    for (_, device), members in buckets.items():
         if len(members) < min_size:
             continue
-        device = by_id[members[0]].device
         sizes = {m: group_bytes(fg, by_id[m]) for m in members}
-        kept, apart = split_batch(device, members, sizes, threads)
-        if len(kept) >= min_size:
-            batches.append(Batch(len(batches), device, kept, merge_note(device, kept, sizes), apart))
-        elif apart:                    # kept for explain: what the rule split, and why (runs as no batch)
-            batches.append(Batch(len(batches), device, kept, "", apart))
+        sigs = {m: signature(fg, by_id[m]) for m in members}
+        kinds = {m: by_id[m].kind for m in members}
+        for kept, note, apart in plan_merges(device, members, sizes, sigs, kinds, threads):
+            chains = len({sigs[m] for m in kept})
+            if len(kept) >= min_size:
+                batches.append(Batch(len(batches), device, kept, note, apart, chains))
+            elif apart:                # kept for explain: what the rule split, and why (runs as no batch)
+                batches.append(Batch(len(batches), device, kept, "", apart))
     return ordered, batches
-

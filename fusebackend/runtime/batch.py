@@ -1,9 +1,11 @@
-"""A horizontal batch: several launches of one kernel (different operands and sizes) as a single launch.
+"""A horizontal batch: several kernel launches (different operands and sizes, the same code or not) as one.
 
-The launcher protocol, the same for both targets: `launch.batch_plan(metas, tensors)` once (the problems'
-static part: sizes and strides packed or uploaded, launch shapes), then every call `launch.batch(plan, addrs)`
-with each problem's operand addresses in problem order (member 0's inputs then outputs, member 1's, ...).
-Per call the step only resolves inputs, allocates the outputs (one allocation) and gathers addresses.
+The step gathers its members' inputs (member 0's, then member 1's, ...), allocates their outputs (one
+allocation where it can) and hands both to its plan, settled on the first call: on the CPU a `CpuBatch`
+(runtime/cpu_batch.py: one parallel region, problems dealt to threads by bytes, each problem calling its own
+kernel), on CUDA a `cuda_batch.BatchPlan` (one launch of the kernel's batch entry, or of a divergent kernel
+holding every member kernel's body, with the pointer table cached across calls). `merge_batches` turns the
+passes' batches into these steps.
 """
 from __future__ import annotations
 
@@ -19,33 +21,39 @@ ALIGN = 16      # bytes: every output of a batch starts here, so 16-byte vector 
 
 
 class BatchKernelStep:
-    """Runs member KernelSteps that share one kernel through its batch entry point."""
+    """Runs member KernelSteps (of one kernel or several) as one launch."""
     kind = "batch"
 
-    def __init__(self, members: list, launch, own_storage=frozenset()):
+    def __init__(self, members: list, launch=None, own_storage=frozenset()):
         self.members = members
-        self.launch = launch
+        self.launch = launch if launch is not None else members[0].launch
         self.device = members[0].device
         self.group_nodes = [n for m in members for n in m.group_nodes]
-        n, self.nin, self.nout = len(members), len(members[0].ins), len(members[0].out_names)
-        self.nptr = self.nin + self.nout
-        # operands slot by slot (slot j of every member, then slot j + 1): the call gathers them with a few
-        # C-level slice copies into problem order instead of a Python loop over every pointer
-        refs = [members[q].spec.inputs[j] for j in range(self.nin) for q in range(n)]
-        if len(refs) >= 2 and all(isinstance(r, Ref) and r.item is None for r in refs):
-            get = operator.itemgetter(*[r.name for r in refs])      # one C call for every input
+        self.nins = [len(m.ins) for m in members]
+        self.chains = len({m.spec.source for m in members})
+        self.in_refs = [r for m in members for r in m.spec.inputs]
+        self.out_names = [name for m in members for name in m.out_names]
+        if len(self.in_refs) >= 2 and all(isinstance(r, Ref) and r.item is None for r in self.in_refs):
+            get = operator.itemgetter(*[r.name for r in self.in_refs])      # one C call for every input
         else:
-            resolvers = [members[q].ins[j] for j in range(self.nin) for q in range(n)]
+            resolvers = [r for m in members for r in m.ins]
             get = lambda env: [r(env) for r in resolvers]
         self.get_inputs = get
-        self.in_refs = [members[q].spec.inputs[j] for j in range(self.nin) for q in range(n)]   # that order
-        self.out_names = [members[q].out_names[j] for j in range(self.nout) for q in range(n)]
         # graph outputs get storages of their own, as eager's do (Dynamo guards on aliasing and offsets);
         # intermediates share one allocation
         own = [k for k, name in enumerate(self.out_names) if name in own_storage]
-        self.outputs = Outputs([members[q].out_alloc[j] for j in range(self.nout) for q in range(n)], self.device,
-                               own)
+        self.outputs = Outputs([a for m in members for a in m.out_alloc], self.device, own)
         self.plan = None
+        self.batch_id = None      # the passes' Batch it runs (merge_batches)
+
+    def describe(self) -> str:
+        """How the batch runs, once planned (explain prints it under the batch)."""
+        head = "%d problems of %d chain%s" % (len(self.members), self.chains, "s" * (self.chains > 1))
+        if self.plan is None:
+            return head + ": not run yet"
+        if self.plan is False:
+            return head + ": run one by one (no batch entry)"
+        return head + ": " + self.plan.describe()
 
     def __call__(self, env):
         if self.plan is False:               # no batch entry could be built: the members, one by one
@@ -56,40 +64,96 @@ class BatchKernelStep:
         outs, out_addrs = self.outputs()
         env.update(zip(self.out_names, outs))
         if self.plan is None:
-            self.plan = self._plan(list(ins) + list(outs))
+            self.plan = self._plan(list(ins), list(outs))
             if self.plan is False:
                 return self(env)
-        self._launch(ins, out_addrs)
+        self.plan(ins, out_addrs)
 
     def run(self, ins) -> list:
-        """A planned batch (plan neither None nor False): `ins` in get_inputs' order -> the outputs in
+        """A planned batch (plan neither None nor False): `ins` in in_refs' order -> the outputs in
         out_names' order (the generated code's call: wrapper.py)."""
         outs, out_addrs = self.outputs()
-        self._launch(ins, out_addrs)
+        self.plan(ins, out_addrs)
         return outs
 
-    def _launch(self, ins, out_addrs):
-        by_slot = [t.data_ptr() for t in ins] + out_addrs
-        n, k = len(self.members), self.nptr
-        addrs = [0] * (n * k)
-        for j in range(k):
-            addrs[j::k] = by_slot[j * n:(j + 1) * n]
-        self.launch.batch(self.plan, addrs)
-
-    def _plan(self, by_slot):
-        n, metas, tensors = len(self.members), [], []
-        for q, m in enumerate(self.members):
-            ts = by_slot[q::n]
+    def _plan(self, ins, outs):
+        metas, tensors, i, o = [], [], 0, 0
+        for m in self.members:
+            ts = ins[i:i + len(m.ins)] + outs[o:o + len(m.out_names)]
+            i, o = i + len(m.ins), o + len(m.out_names)
             metas.append(m.build_meta(ts))
-            tensors += ts
+            tensors.append(ts)
         try:
-            return self.launch.batch_plan(metas, tensors)
+            if self.members[0].spec.target == "cpu":
+                from .cpu_batch import CpuBatch
+                return CpuBatch([m.launch for m in self.members], metas, tensors, self.nins)
+            from .cuda_batch import plan_batch
+            from .cuda_compiler import compile_image
+            return plan_batch([m.launch for m in self.members], metas, tensors, self.nins, compile_image)
         except LayoutMismatch:
             raise
         except Exception as e:       # e.g. the batch entry does not compile: correct, only slower
             warnings.warn("fusebackend: a horizontal batch runs as %d launches (%s: %s)"
                           % (len(self.members), type(e).__name__, str(e).splitlines()[0] if str(e) else ""))
             return False
+
+
+def merge_batches(steps, batches, graph_outputs=frozenset()):
+    """Replace the member steps of each horizontal batch by BatchKernelSteps (graph outputs keep storages of
+    their own): one per batch on the CPU; on CUDA one per launch class of the members' kernels
+    (emit/cuda_batch.launch_class), at most MAX_CHAINS kernels each. A batch that takes more than one step
+    says why in its `launches` notes (explain prints them)."""
+    from ..passes.horizontal_cost import MAX_CHAINS
+    by_group = {getattr(s, "group_id", None): s for s in steps}
+    replace = {}
+    for b in batches:
+        members = [by_group.get(gid) for gid in b.groups]
+        members = [m for m in members if m is not None and batchable(m)]
+        sets = launch_sets(members, MAX_CHAINS)
+        made = [same for same in sets if len(same) >= 2]
+        for same in made:
+            step = BatchKernelStep(same, same[0].launch, graph_outputs)
+            step.batch_id = getattr(b, "id", None)
+            replace[id(same[0])] = step
+            for m in same[1:]:
+                replace[id(m)] = None
+        if hasattr(b, "launches"):
+            b.launches = ["%d launches: %s" % (len(sets), "; ".join(
+                "%s: g%s" % (_class_label(same[0]), ", g".join(str(m.group_id) for m in same)) for same in sets))
+                ] if len(sets) > 1 else []
+    out = []
+    for s in steps:
+        r = replace.get(id(s), s)
+        if r is not None:
+            out.append(r)
+    return out
+
+
+def launch_sets(members: list, max_chains: int) -> list:
+    """Members that can share one launch, in order: all of them on the CPU; on CUDA those of one launch class,
+    at most max_chains distinct kernels a set."""
+    if not members or members[0].spec.target != "cuda":
+        return [members] if members else []
+    from ..emit.cuda_batch import launch_class
+    classes: dict = {}
+    for m in members:
+        classes.setdefault(launch_class(m.spec), []).append(m)
+    sets = []
+    for same in classes.values():
+        cur, sources = [], set()
+        for m in same:
+            if m.spec.source not in sources and len(sources) >= max_chains:
+                sets.append(cur)
+                cur, sources = [], set()
+            cur.append(m)
+            sources.add(m.spec.source)
+        sets.append(cur)
+    return sets
+
+
+def _class_label(step) -> str:
+    shape, bound = step.spec.launch.get("shape"), step.spec.launch.get("bound")
+    return "%s kernels (bound %s)" % (shape, bound)
 
 
 class Outputs:
@@ -188,4 +252,10 @@ def _is_contiguous(shape, stride):
 
 
 def batchable(step) -> bool:
-    return type(step) is KernelStep and bool(step.spec.batch_name) and hasattr(step.launch, "batch")
+    """A static kernel step a batch can run: on the CPU any (cpu_batch calls its function), on CUDA one with a
+    batch entry."""
+    if type(step) is not KernelStep:
+        return False
+    if step.spec.target == "cpu":
+        return hasattr(step.launch, "fast_call") and hasattr(step.launch, "pack")
+    return bool(step.spec.batch_name) and hasattr(step.launch, "upload")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import cpu_compiler, launch_ext
-from .batch import BatchKernelStep, batchable
+from .batch import merge_batches
 from .meta_check import check_kernel_inputs
 from .program import FallbackStep, Program, kept_values
 from .steps import AtenStep, DynamicKernelStep, KernelStep, cpu_launcher
@@ -55,28 +55,8 @@ def build_program(fg, groups, kernels, opts, batches=()) -> Program:
 
 
 def _merge_batches(steps, batches, graph_outputs=frozenset()):
-    """Replace the member steps of each horizontal batch by one BatchKernelStep (same kernel code only);
-    graph outputs keep storages of their own."""
-    by_group = {getattr(s, "group_id", None): s for s in steps}
-    replace = {}
-    for b in batches:
-        members = [by_group.get(gid) for gid in b.groups]
-        by_source = {}
-        for m in members:
-            if m is not None and batchable(m):
-                by_source.setdefault(m.spec.source, []).append(m)
-        for same in by_source.values():
-            if len(same) >= 2:
-                step = BatchKernelStep(same, same[0].launch, graph_outputs)
-                replace[id(same[0])] = step
-                for m in same[1:]:
-                    replace[id(m)] = None
-    out = []
-    for s in steps:
-        r = replace.get(id(s), s)
-        if r is not None:
-            out.append(r)
-    return out
+    """Replace the member steps of each horizontal batch by BatchKernelSteps (runtime/batch.py)."""
+    return merge_batches(steps, batches, graph_outputs)
 
 
 def reset() -> None:

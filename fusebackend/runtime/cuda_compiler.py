@@ -260,20 +260,10 @@ class CudaKernel:
 
     launch = __call__
 
-    # horizontal batches (runtime/batch.py): the problems' static part once, then pointers and one launch
-    def batch_plan(self, metas, tensors):
-        from .cuda_batch import plan_batch
-        return plan_batch(self, metas, tensors)
-
+    # horizontal batches (runtime/batch.py, planned and launched by runtime/cuda_batch.py)
     def upload(self, values, index: int) -> torch.Tensor:
         """int64 values in device memory (a batch's meta table), written once."""
         return torch.tensor(values, dtype=torch.int64, device=torch.device("cuda", index))
-
-    def batch(self, plan, addrs) -> None:
-        for ln in plan.launches:
-            ln.args.p[:ln.nptr] = addrs[ln.lo:ln.hi] if ln.sel is None else [addrs[i] for i in ln.sel]
-            self.driver.launchKernel(plan.func, ln.grid, 1, 1, plan.block, 1, 1, plan.smem,
-                                     self.stream(plan.index), ln.params_addr, 0)
 
 
 def launcher(spec, opts):
