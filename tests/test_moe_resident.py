@@ -282,10 +282,9 @@ def test_one_host_sync_per_layer(monkeypatch, loop):
 
 
 @pytest.mark.parametrize("cudagraphs", [False, True])
-def test_cuda_graph_is_rewritten_with_weights_left_on_the_device(cudagraphs):
-    """On fake CUDA tensors (capture/fake_cuda.py, as bench/plan_cuda.py traces): the layer becomes one op on
-    CUDA reading its weights where they are; under cudagraphs it stays as it is (its one sync would make the
-    program uncapturable)."""
+def test_a_dense_cuda_layer_keeps_its_own_kernels(cudagraphs):
+    """On fake CUDA tensors (capture/fake_cuda.py, as bench/plan_cuda.py traces): the dense masked form stays as
+    its own kernels on CUDA (no sync; on the H200 0.569 ms against 1.116 as the op), with or without cudagraphs."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._guards import detect_fake_mode
     from fusebackend.capture import decompositions, fake_cuda, moe_layers
@@ -312,13 +311,8 @@ def test_cuda_graph_is_rewritten_with_weights_left_on_the_device(cudagraphs):
         torch.compile(model, backend=capture)(torch.randn(16, 48, dtype=torch.bfloat16))
     (fg, done), = seen
     ops = [n for n in fg.nodes() if n.target is not None and n.op_name == "moe_experts.default"]
-    if cudagraphs:
-        assert not done and not ops
-        return
-    (op,) = ops
-    assert len(done) == 1 and op.device == "cuda"
-    weights = op.args[3]
-    assert len(weights) == 24 and all(fg.node(w.name).device == "cuda" for w in weights)
+    assert not done and not ops
+    assert any(n.device == "cuda" for n in fg.nodes())
 
 
 def test_explain_and_dump_name_the_rewritten_layer():

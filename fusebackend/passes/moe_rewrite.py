@@ -7,7 +7,9 @@ its own tokens (graph/moe_grouped.py). This pass finds the layers and rewrites t
 placement_moe.rewrite_layer (the weights keep their homes); capture/moe_layers.py decides where it runs.
 
 Not rewritten: HF 5.x's grouped form (layout 1), which already runs without a sync (grouped_mm over its 3-D
-weights), and any layer whose pieces the finders do not see whole.
+weights); the dense form on the GPU, where its own kernels have no sync and read every expert anyway (H200,
+bench/moe_op.py, the anchor: 0.569 ms as its kernels, 1.116 ms as the op); and any layer whose pieces the
+finders do not see whole.
 """
 from __future__ import annotations
 
@@ -52,9 +54,9 @@ def rewrite_moe_layers(fg: FusionGraph, devices=("cuda", "cpu")) -> list:
     found.sort(key=lambda p: p[0].layer)
     out = []
     for layer, form in found:
-        device = fg.node(layer.output).device
-        if str(device).split(":")[0] not in devices:
-            continue
+        device = str(fg.node(layer.output).device).split(":")[0]
+        if device not in devices or (form == "dense" and device != "cpu"):
+            continue            # H200: the dense layer's own kernels 0.569 ms, as one op 1.116 (bench/moe_op.py)
         name = rewrite_layer(fg, layer, UNBOUND, host_weights=False)
         out.append(RewrittenLayer(layer.layer, form, len(layer.expert_weights), top_k.get(layer.router), name))
     return out

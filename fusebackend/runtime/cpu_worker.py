@@ -107,12 +107,6 @@ class CudaApi:
     def pinned(self, shape, dtype):
         return torch.empty(shape, dtype=dtype, pin_memory=True)
 
-    def prepare_pins(self, tensors):
-        return PINS.prepare(tensors)
-
-    def drop_unused_pins(self, spans):
-        PINS.drop_unused(spans)
-
     def pin(self, t):
         return PINS.pin(t)
 

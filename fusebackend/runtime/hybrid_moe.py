@@ -62,12 +62,7 @@ class HybridMoELayer(CallTrace):
                 raise ValueError("expert %d: want gate, up, down of shapes %s and dtype %s; got %s" % (
                     i, want, self.dtype, [(tuple(t.shape), t.dtype) for t in w]))
         self._homes = []                 # the tensors handed to the pin registry, released by close()
-        homes = [tuple(self._host_copy(t) for t in w) for w in experts]
-        prepare = getattr(self.api, "prepare_pins", None)   # weights packed on the heap share pages: one span
-        spans = prepare([t for w in homes for t in w]) if prepare is not None else None
-        self.host = [tuple(self._pin(t) for t in w) for w in homes]
-        if spans:
-            self.api.drop_unused_pins(spans)
+        self.host = [tuple(self._pin(self._host_copy(t)) for t in w) for w in experts]
         self.pool = staging if staging is not None else (
             StagingPool(self.api, self.hidden, self.ffn, self.dtype, staging_slots) if staging_slots else None)
         shape = (self.hidden, self.ffn, self.dtype)

@@ -79,11 +79,6 @@ class WeightHomes:
         self.resident[key] = (t._version, copy)
         return copy
 
-    def prepare_host(self, tensors):
-        """Register the pages of host-homed weights as few spans before they are pinned one by one (weights
-        packed on the heap share pages; registered singly, all but the first would get a copy)."""
-        return PINS.prepare([t for t in tensors if t.device.type == "cpu" and weight_key(t) not in self.pinned])
-
     def host(self, t: torch.Tensor) -> torch.Tensor:
         """t in pinned memory: its own storage registered with CUDA where possible, else one pinned copy --
         through the process-wide registry the hybrid MoE layer uses too, so a storage is registered once
@@ -130,10 +125,6 @@ class PlacedProgram:
         program, slots = self.variants[name]
         if self.calls[name] == 1 and getattr(self, "orphan_routers", None):
             self._warn_orphan_routers()
-        spans = None
-        if not self.calls[name]:
-            spans = self.homes.prepare_host([a for a, slot in zip(args, slots) if slot == "host" and
-                                             isinstance(a, torch.Tensor)])
         self.calls[name] += 1
         back = None
         homes = self.homes
@@ -152,8 +143,6 @@ class PlacedProgram:
                 moved.append(homes.host(a))
             else:
                 moved.append(a)
-        if spans:
-            PINS.drop_unused(spans)
         args.clear()
         outs = program(moved)
         if back is None:
