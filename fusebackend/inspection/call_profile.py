@@ -109,10 +109,12 @@ def profile_call(fn, args, backend: str = "", reps: int = 20, warmup: int = 3, k
         if not cuda:
             return prof
         from torch.profiler import ProfilerActivity, profile
+        # each call on an idle GPU: a kernel's launch-to-start time is then its own call's launch and queueing,
+        # not the wait behind earlier calls (H200: without it, a GPU-bound loop summed seconds per call)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
             for _ in range(reps):
                 fn(*args, **kwargs)
-            sync()
+                sync()
     prof.kernels, prof.gpu_busy_us, prof.tklqt_us = summarize(_events(p), reps)
     return prof
 
