@@ -14,10 +14,7 @@ Built on first use through cpu_compiler.build, like launch_ext.py; where it cann
 from __future__ import annotations
 
 import ctypes
-import importlib.machinery
-import importlib.util
 import os
-import sysconfig
 import threading
 
 import torch
@@ -156,22 +153,11 @@ def load(cache_dir=None):
 
 
 def _build(cache_dir):
-    reader = getattr(getattr(getattr(torch._C, "_dynamo", None), "guards", None),
-                     "_torchinductor_pyobject_tensor_data_ptr", None)
-    include = sysconfig.get_paths().get("include")
-    if not include or not os.path.exists(os.path.join(include, "Python.h")):
-        return None
-    from . import cpu_compiler
-    try:
-        lib = cpu_compiler.build(SOURCE, "PyInit_fb_batch", cache_dir, extra_flags=("-I", include))
-        loader = importlib.machinery.ExtensionFileLoader("fb_batch", lib._name)
-        spec = importlib.util.spec_from_file_location("fb_batch", lib._name, loader=loader)
-        module = importlib.util.module_from_spec(spec)
-        loader.exec_module(module)
-        module.setup(reader if isinstance(reader, int) else 0, torch.Tensor, torch.nn.Parameter)
-        return module
-    except Exception:                # no Python headers after all, a compiler error: the Python path
-        return None
+    from .launch_ext import build_extension, tensor_data_ptr_reader
+    module = build_extension(SOURCE, "fb_batch", cache_dir)
+    if module is not None:
+        module.setup(tensor_data_ptr_reader() or 0, torch.Tensor, torch.nn.Parameter)
+    return module
 
 
 class Pointers:

@@ -115,20 +115,34 @@ def load(cache_dir=None):
         return _state["module"]
 
 
-def _build(cache_dir):
+def tensor_data_ptr_reader():
+    """The address of torch's C reader of a tensor's data pointer (Inductor's guards export it), else None."""
     reader = getattr(getattr(getattr(torch._C, "_dynamo", None), "guards", None),
                      "_torchinductor_pyobject_tensor_data_ptr", None)
+    return reader if isinstance(reader, int) else None
+
+
+def build_extension(source: str, name: str, cache_dir=None):
+    """A CPython extension module `name` built from C++ `source` (through the kernel compiler and its cache), or
+    None: no Python headers, or a compiler error (the caller keeps its Python path)."""
     include = sysconfig.get_paths().get("include")
-    if not isinstance(reader, int) or not include or not os.path.exists(os.path.join(include, "Python.h")):
+    if not include or not os.path.exists(os.path.join(include, "Python.h")):
         return None
     from . import cpu_compiler
     try:
-        lib = cpu_compiler.build(SOURCE, "PyInit_fb_launch", cache_dir, extra_flags=("-I", include))
-        loader = importlib.machinery.ExtensionFileLoader("fb_launch", lib._name)
-        spec = importlib.util.spec_from_file_location("fb_launch", lib._name, loader=loader)
+        lib = cpu_compiler.build(source, "PyInit_" + name, cache_dir, extra_flags=("-I", include))
+        loader = importlib.machinery.ExtensionFileLoader(name, lib._name)
+        spec = importlib.util.spec_from_file_location(name, lib._name, loader=loader)
         module = importlib.util.module_from_spec(spec)
         loader.exec_module(module)
-        module.setup(reader, torch.Tensor)
         return module
-    except Exception:                # no Python headers after all, a compiler error: ctypes launches
+    except Exception:
         return None
+
+
+def _build(cache_dir):
+    reader = tensor_data_ptr_reader()
+    module = build_extension(SOURCE, "fb_launch", cache_dir) if reader is not None else None
+    if module is not None:
+        module.setup(reader, torch.Tensor)
+    return module
