@@ -8,7 +8,8 @@
 #     all-GPU at the full budget with and without the per-call trace; H: GPU tests beside 4 fuzzers (after the
 #     --fmad=false fix), HF generate with a budget vs accelerate, per-call and optimizer with generated CUDA
 #     programs off and on; I: the last call -- GPU tests beside 2 fuzzers, then the MoE and horizontal anchors,
-#     the optimizer step and dump --profile (2026-12-02)
+#     the optimizer step and dump --profile (2026-12-02); J: GPU tests beside 2 fuzzers, the optimizer steps
+#     (GPU time, cold compile), the loop-form MoE op, dump --profile (2026-12-02, session 3)
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -110,6 +111,21 @@ I)   # the last call: GPU tests beside 2 fuzzers, the program cache on CUDA (a s
   TAIL=6 step gpu_horizontal 45 python3 bench/gpu.py --only horizontal_100 --out "$OUT/gpu_horizontal.json"
   TAIL=8 step optimizer 45 python3 bench/optimizer.py --device cuda --n 200 --opt adamw --backends fuse --max-s 6
   TAIL=8 step profile 40 python3 -m fusebackend dump llama_layer --device cuda --dtype bf16 --size bench \
+    --profile -q
+  ;;
+J)
+  for s in 71 72; do
+    timeout 280 python3 bench/fuzz_gpu.py --seconds 255 --seed $s --log "$OUT/fuzz_$s.cases.txt" \
+      > "$OUT/fuzz_$s.log" 2>&1 &
+  done
+  step gpu_tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  wait
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
+  for s in 71 72; do tail -n 1 "$OUT/fuzz_$s.log"; done
+  TAIL=30 step optimizer 80 python3 bench/optimizer.py --device cuda --n 200 --opt adamw,adam,sgd --backends fuse \
+    --max-s 4 --steps-check 10 --json "$OUT/optimizer.json"
+  TAIL=8 step moe_op_loop 70 python3 bench/moe_op.py --device cuda --only loop --rounds 2
+  TAIL=10 step profile 45 python3 -m fusebackend dump llama_layer --device cuda --dtype bf16 --size bench \
     --profile -q
   ;;
 E)

@@ -7,6 +7,7 @@ the kernel launches and the ATen calls, against the floor.
 Parameters: n float32 tensors cycling through the five shapes of shared/reference/adamw_anchor.py. One row per
 optimizer and way of running it:
   ms        wall clock per step (median of interleaved reps, Python overhead included),
+  GPU ms    (CUDA) the summed durations of the step's device activities in the profiler (kernels and copies),
   launches  kernel launches per step: on CUDA counted by the profiler (device kernels, any launcher); on the
             CPU fuse's compiled kernels (a horizontal batch counts once), Inductor's generated kernels, eager's
             ATen calls,
@@ -107,8 +108,8 @@ class KernelCount:
 
 
 def profile_step(fn, device, sync):
-    """(ATen calls, device kernels) of one call of fn: the profiler's top-level aten:: events (not those an ATen
-    op runs inside itself) and, on CUDA, its kernel activities (memcpy and memset left out). The call counted
+    """(ATen calls, device kernels, GPU busy us) of one call of fn: the profiler's top-level aten:: events (not
+    those an ATen op runs inside itself) and, on CUDA, its kernel activities (memcpy and memset left out). The call counted
     is the second under the profiler: Dynamo may compile the step anew the first time the profiler is on (the
     optimizer's step opens a record_function then), and a compile -- Inductor's autotuning runs kernels --
     is no step."""
@@ -122,16 +123,17 @@ def profile_step(fn, device, sync):
     with torch.profiler.profile(activities=acts) as prof:
         fn()
         sync()
-    aten, kernels = collections.Counter(), 0
+    aten, kernels, gpu_us = collections.Counter(), 0, 0.0
     for e in prof.events():
         if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
             name = e.name.lower()
             kernels += not ("memcpy" in name or "memset" in name)
+            gpu_us += e.time_range.elapsed_us()     # device activity, copies included: the GPU's busy time
         elif e.name.startswith("aten::"):
             parent = e.cpu_parent
             if not (parent is not None and parent.name.startswith("aten::")):
                 aten[e.name] += 1
-    return aten, kernels
+    return aten, kernels, gpu_us
 
 
 def bench_one(name, n, device, check_steps, backends, max_s):
@@ -170,8 +172,10 @@ def bench_one(name, n, device, check_steps, backends, max_s):
         try:
             if k in ("eager", "eager_fused"):
                 fn()
-            aten, kernels = profile_step(fn, device, sync)
+            aten, kernels, gpu_us = profile_step(fn, device, sync)
             row[k + "_aten"] = sum(aten.values())
+            if device == "cuda":
+                row[k + "_gpu_ms"] = gpu_us / 1e3
             row[k + "_aten_ops"] = dict(aten.most_common(6))
             if device == "cuda" and kernels:
                 row[k + "_launches"] = kernels
@@ -212,7 +216,8 @@ def main():
     print("device %s, %d tensors of shapes %s; floor at %.1f GB/s (measured copy bandwidth %.1f GB/s, read + "
           "write)" % (a.device, n, SHAPES, floor_bw / 1e9, bw / 1e9), flush=True)
     cols = ["eager"] + (["eager_fused"] if a.device == "cuda" else []) + backends
-    print("%-6s %-12s %9s %9s %9s %9s %9s" % ("opt", "run", "ms/step", "launches", "ATen", "compile s", "err"))
+    print("%-6s %-12s %9s %9s %9s %9s %9s %9s" % ("opt", "run", "ms/step", "GPU ms", "launches", "ATen", "compile s",
+                                                  "err"))
     rows = []
     for name in opts:
         row, bpp = bench_one(name, n, a.device, steps_check, backends, max_s)
@@ -223,8 +228,9 @@ def main():
             def cell(key, fmt):
                 v = row.get(c + key)
                 return fmt % v if v is not None else "-"
-            print("%-6s %-12s %9s %9s %9s %9s %9s" % (
-                name, c, cell("_ms", "%.3f") if c + "_ms" in row else "ERROR", cell("_launches", "%d"),
+            print("%-6s %-12s %9s %9s %9s %9s %9s %9s" % (
+                name, c, cell("_ms", "%.3f") if c + "_ms" in row else "ERROR", cell("_gpu_ms", "%.3f"),
+                cell("_launches", "%d"),
                 cell("_aten", "%d"), cell("_compile_s", "%.1f"), cell("_err", "%.1e")), flush=True)
         for c in cols:
             if row.get(c + "_aten_ops"):
