@@ -96,6 +96,9 @@ def test_cpu_placed_experts_compute_on_the_cpu_with_transfers_at_the_boundary(mo
         assert all(fg.node(n).device == "cpu" for n in s.nodes)
     copies = [n for n in fg.nodes() if n.op_name.startswith("_to_copy") and n.kind == "opaque"]
     assert any(n.device == "cpu" for n in copies) and any(n.device == "cuda" for n in copies)
+    # the CPU reads a device->host copy right after it: an asynchronous one would hand it a pinned tensor
+    # whose data has not arrived (wrong results on the H200); host->device copies stay asynchronous
+    assert all(n.kwargs["non_blocking"] == (n.device == "cuda") for n in copies)
     devices = {g.device for g in rep.graph_reports[0].groups}
     assert devices == {"cpu", "cuda"}
 

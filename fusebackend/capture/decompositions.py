@@ -77,6 +77,13 @@ def safe_softmax(x, dim, dtype=None):
     return aten.where.ScalarOther(keep, out, 0.0)
 
 
+def frac(x):
+    """x - trunc(x), as ATen's kernel computes it. Core ATen's x - floor(|x|) * sign(x) gives -0 for -0 (and for
+    a negative integer's trunc, -0), where eager gives +0: a later division or signbit sees the sign (GPU fuzz,
+    seeds 71 and 72)."""
+    return aten.sub.Tensor(x, aten.trunc.default(x))
+
+
 def _first_of(decomps):
     """One decomposition trying each of `decomps` in turn (NotImplemented: the next; all declined: ATen)."""
     def decomposed(*args, **kwargs):
@@ -105,6 +112,7 @@ def table(gemv_max_rows: int = 0, pad_matmul: bool = False) -> dict:
     d[aten.var_mean.correction] = var_mean_correction
     d[aten.native_layer_norm.default] = native_layer_norm
     d[aten._safe_softmax.default] = safe_softmax
+    d[aten.frac.default] = frac
     mms = [decomp_outer.mm] + ([decomp_gemv.mm_decomposition(gemv_max_rows)] if gemv_max_rows > 0 else []) + \
         ([decomp_pad_mm.decomposition()] if pad_matmul else [])
     d[aten.mm.default] = _first_of(mms)

@@ -49,11 +49,16 @@ def _refs(v, out):
 
 
 def _transfer(fg: FusionGraph, src: Ref, device: str, tag: str) -> str:
-    """A `_to_copy(src, device=...)` node placed right after src's producer in the graph's order."""
+    """A `_to_copy(src, device=...)` node placed right after src's producer in the graph's order.
+
+    Only a copy to the GPU is asynchronous. One to the CPU is read by CPU code right after it, and an
+    asynchronous device->host `_to_copy` returns a pinned tensor before its data has arrived (placed execution
+    read stale activations on the H200 once calls got fast enough to outrun the copy)."""
     producer = fg.node(src.name)
     meta = fg.meta_of(src)
     name = "%s_%s%s_to_%s" % (tag, src.name, "" if src.item is None else "_%d" % src.item, device)
-    node = OpNode(name, "opaque", _TO_COPY, (src,), {"device": torch.device(device), "non_blocking": True},
+    node = OpNode(name, "opaque", _TO_COPY, (src,), {"device": torch.device(device),
+                                                     "non_blocking": device == "cuda"},
                   _on(meta, device), device=device)
     node.bytes = meta.numel * meta.dtype.itemsize if meta is not None and meta.is_static else 0
     fg.add(node, [src.name])

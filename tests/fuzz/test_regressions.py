@@ -279,3 +279,12 @@ def test_take_reduced_over_a_dim_of_its_index():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="fusebackend")      # a fallback is a failure here
         torch.testing.assert_close(torch.compile(fn, backend="fuse")(a), fn(a), rtol=0, atol=0)
+
+
+# 20. (GPU fuzz seeds 71 and 72, the same on the CPU): frac(-0.0) and frac of a negative float that truncates to
+#     -0 came out -0 through core ATen's x - floor(|x|) * sign(x), where eager's kernel (x - trunc(x)) gives +0:
+#     1 / frac(x) was -inf against eager's inf, signbit True against False.
+def test_frac_of_negative_zero_and_of_negative_integers_keeps_eagers_sign():
+    x = torch.tensor([-0.0, 0.0, -3.0, -2.5, 2.5, -0.25, float("inf"), float("-inf"), float("nan")])
+    _exact(lambda x: (torch.frac(x), 1.0 / torch.frac(torch.trunc(x)), torch.signbit(torch.frac(x))), x)
+    _exact(lambda x: torch.frac(x * 1), x.half())

@@ -93,3 +93,22 @@ def f(a0, a1, a2):
     return (v9, v10, v11, v12, v1,)
 ''')
     fuzzcheck.run_case(case)
+
+
+# 3. frac of -0 (and of a negative integer) was -0 through core ATen's decomposition, +0 in eager: a later
+#    division by it gave -inf for inf, signbit True for False (seeds 71, 72). frac is now x - trunc(x).
+def test_fuzz_division_by_frac_of_a_truncated_tensor():
+    case = Case.from_source(inputs=[
+        InputSpec((1, 7, 3), torch.bool, 'expanded', (0,), 'randn', 1.0, False),
+        InputSpec((1, 7, 3), torch.float32, 'expanded', (0,), 'randn', 1.0, True)],
+        seed=2, half_path=[], reassoc=['v6'],
+        source='''
+def f(a0, a1):
+    v1 = torch.trunc(a1)
+    v3 = torch.frac(v1)
+    v4 = torch.prod(v3, 1, keepdim=False)
+    v6 = torch.abs(v4 - v1)
+    v7 = a0 / v3
+    return (v6, v7,)
+''')
+    fuzzcheck.run_case(case, calls=4)
