@@ -1,6 +1,8 @@
 """C++/OpenMP kernels for CPU tensors: the pointwise and the row-reduction shape."""
 from __future__ import annotations
 
+import re
+
 import torch
 
 from ..graph.fusion_graph import FusionGraph
@@ -12,10 +14,32 @@ from .kernel import KernelSource
 from .rowdriver import RowDriver
 from .rowplan import RowPlan
 
-HEADER = '#include "fb_reduce.h"\n#include <stdlib.h>\n'
 PAR_MIN = 32768        # below this many elements a parallel region costs more than it saves
 CHUNK = 8192           # inner-loop chunk, so a few long rows still spread over all threads
+SIMD = 16              # a flat kernel's threads split at multiples of this many elements (64 bytes of floats)
 OMP_RED = {"sum": "+", "mean": "+", "prod": "*", "any": "||", "all": "&&"}
+# Every kernel is a function over a range [lo, hi) of its work items (flat elements, row tiles, or the rows of
+# a reduction), compiled once, and an entry that calls it on all of them -- from one thread below PAR_MIN
+# elements, without entering OpenMP at all (a parallel region with a false if clause still cost ~0.7 us per
+# launch inside torch's process, and a combined `parallel for simd` with one also lost its vectorisation) --
+# else from every thread of one parallel region, on contiguous blocks. Called inside a parallel region (a problem
+# of a horizontal batch), it runs on its thread alone, as a nested region would, without opening one.
+HEADER = """#include "fb_reduce.h"
+#include <stdlib.h>
+#include <omp.h>
+typedef void (*fb_part_fn)(void**, const int64_t*, int64_t, int64_t);
+static inline void fb_run(fb_part_fn part, void** P, const int64_t* M, int64_t w, bool par, int64_t grain) {
+  if (!par || w <= grain || omp_in_parallel()) { part(P, M, 0, w); return; }
+  #pragma omp parallel
+  {
+    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t per = ((w + nt - 1) / nt + grain - 1) / grain * grain;
+    const int64_t lo = t * per < w ? t * per : w, hi = lo + per < w ? lo + per : w;
+    if (lo < hi) part(P, M, lo, hi);
+  }
+}
+"""
+PART_SIG = "static __attribute__((noinline)) void %s_part(void** P, const int64_t* M, int64_t lo, int64_t hi)"
 
 
 def emit_pointwise(fg: FusionGraph, group) -> KernelSource:
@@ -30,22 +54,26 @@ def emit_pointwise(fg: FusionGraph, group) -> KernelSource:
         b.emit("const int64_t i0 = li;")
     for out in b.written_values:
         b.store(out, idx, b.value(out, idx))
-    body = preamble(b, rank, "cpu") + ["const int64_t n = %s;" % product(list(range(rank))),
-                                       "if (n == 0) return;"] + b.pre
+    n = product(list(range(rank)))
+    body = preamble(b, rank, "cpu") + b.pre
     if flat:
-        body += ["#pragma omp parallel for simd schedule(static) if(n > %d)" % PAR_MIN,
-                 "for (int64_t li = 0; li < n; ++li) {"] + indent(b.lines, 2) + ["}"]
+        body += ["#pragma omp simd", "for (int64_t li = lo; li < hi; ++li) {"] + indent(b.lines, 2) + ["}"]
+        work, grain = ["const int64_t w = n;"], SIMD
     else:
         last = rank - 1
-        body += ["const int64_t inner = d%d, rows = n / inner;" % last,
-                 "const int64_t nch = (inner + %d - 1) / %d;" % (CHUNK, CHUNK),
-                 "#pragma omp parallel for schedule(static) if(n > %d)" % PAR_MIN,
-                 "for (int64_t t = 0; t < rows * nch; ++t) {",
-                 "  const int64_t row = t / nch, j0 = (t %% nch) * %d;" % CHUNK,
-                 "  const int64_t j1 = inner < j0 + %d ? inner : j0 + %d;" % (CHUNK, CHUNK)]
-        body += indent(delinearize("row", list(range(last))), 2)
-        body += ["  #pragma omp simd", "  for (int64_t i%d = j0; i%d < j1; ++i%d) {" % (last, last, last)]
-        body += indent(b.lines, 4) + ["  }", "}"]
+        body += ["const int64_t nch = (d%d + %d - 1) / %d;" % (last, CHUNK, CHUNK),
+                 "const int64_t row0 = lo / nch;", "int64_t ch = lo % nch;"]
+        body += _counters("row0", list(range(last)))
+        body += ["for (int64_t t = lo; t < hi; ++t) {",
+                 "  const int64_t j0 = ch * %d, j1 = d%d < j0 + %d ? d%d : j0 + %d;" % (CHUNK, last, CHUNK, last, CHUNK),
+                 "  #pragma omp simd", "  for (int64_t i%d = j0; i%d < j1; ++i%d) {" % (last, last, last)]
+        body += indent(b.lines, 4) + ["  }", "  if (++ch == nch) {", "    ch = 0;"]
+        body += indent(_advance(list(range(last))), 4) + ["  }", "}"]
+        work = ["const int64_t inner = M[%d];" % last,
+                "const int64_t w = n / inner * ((inner + %d - 1) / %d);" % (CHUNK, CHUNK)]
+        grain = 1
+    entry = ["const int64_t n = %s;" % _from_meta(n), "if (n == 0) return;"] + work
+    body = (body, entry + ["fb_run(@_part, P, M, w, n > %d, %d);" % (PAR_MIN, grain)])
     return _finish(fg, group, b, "pointwise", body)
 
 
@@ -61,21 +89,30 @@ def emit_reduction(fg: FusionGraph, group) -> KernelSource:
     driver = RowDriver(fg, b, plan, idx, cache_var, "r", const_read=False)
 
     def loop(body, accs, vec):
-        return ([_simd_pragma(accs), "for (int64_t r = 0; r < R; ++r) {"]
-                + indent(delinearize("r", rdims), 2) + indent(body, 2) + ["}"])
+        """The loop over the reduced index r around one phase's body. Over several reduced dims: a loop over
+        the outer ones around the vectorised loop over the innermost (no division per element)."""
+        if len(rdims) == 1:
+            return ([_simd_pragma(accs), "for (int64_t r = 0; r < R; ++r) {"]
+                    + indent(delinearize("r", rdims), 2) + indent(body, 2) + ["}"])
+        last = rdims[-1]
+        return (["for (int64_t rq = 0, nq = d%d ? R / d%d : 0; rq < nq; ++rq) {" % (last, last)]
+                + indent(delinearize("rq", rdims[:-1]), 2)
+                + ["  " + _simd_pragma(accs), "  for (int64_t i%d = 0; i%d < d%d; ++i%d) {" % (last, last, last, last),
+                   "    const int64_t r = rq * d%d + i%d;" % (last, last)] + indent(body, 4) + ["  }", "}"])
     row, end = driver.run(loop, _acc_type)
     row += end
     ncache = len(cache_var)
     body = preamble(b, rank, "cpu") + [
-        "const int64_t O = %s, R = %s;" % (product(outer), product(rdims)),
-        "if (O == 0) return;",
-        "#pragma omp parallel if(O * R > %d)" % PAR_MIN, "{",
-        "  char* cbuf = %s;" % ("(char*)malloc((size_t)R * %d + 64)" % (8 * ncache) if ncache else "nullptr")]
+        "const int64_t R = %s;" % product(rdims),
+        "char* cbuf = %s;" % ("(char*)malloc((size_t)R * %d + 64)" % (8 * ncache) if ncache else "nullptr")]
     for k, var in cache_var.items():
         t = driver.types[k]
-        body.append("  %s* %s = (%s*)(cbuf + (size_t)R * %d);" % (t, var, t, 8 * plan.cached.index(k)))
-    body += ["  #pragma omp for schedule(static)", "  for (int64_t o = 0; o < O; ++o) {"]
-    body += indent(delinearize("o", outer), 4) + indent(row, 4) + ["  }", "  free(cbuf);", "}"]
+        body.append("%s* %s = (%s*)(cbuf + (size_t)R * %d);" % (t, var, t, 8 * plan.cached.index(k)))
+    body += _counters("lo", outer) + ["for (int64_t o = lo; o < hi; ++o) {"]
+    body += indent(row, 2) + indent(_advance(outer), 2) + ["}", "free(cbuf);"]
+    entry = ["const int64_t O = %s, n = O * %s;" % (_from_meta(product(outer)), _from_meta(product(rdims))),
+             "if (O == 0) return;", "fb_run(@_part, P, M, O, n > %d, 1);" % PAR_MIN]
+    body = (body, entry)
     return _finish(fg, group, b, "reduction", body)
 
 
@@ -100,10 +137,35 @@ def _simd_pragma(accs) -> str:
     return "#pragma omp simd " + " ".join(parts)
 
 
-def _finish(fg, group, b, kind, body) -> KernelSource:
-    text = "\n".join(body)
+def _counters(start: str, dims: list) -> list:
+    """Index variables i<d> of `dims` (outermost first) at the linear position `start`, as counters that
+    _advance steps: one division per dim per kernel part, not per row (a 64-bit division costs tens of
+    cycles, as much as a short row's whole loop)."""
+    return [l.replace("const int64_t i", "int64_t i") for l in delinearize(start, dims)]
+
+
+def _advance(dims: list) -> list:
+    """The counters of _counters to the next position, carrying into outer dims."""
+    if not dims:
+        return []
+    inner, rest = dims[-1], dims[:-1]
+    if not rest:
+        return ["++i%d;" % inner]
+    return ["if (++i%d == d%d) {" % (inner, inner), "  i%d = 0;" % inner] + indent(_advance(rest), 2) + ["}"]
+
+
+def _from_meta(expr: str) -> str:
+    """A product of domain sizes d<k> read straight from the meta array (the entry has no preamble)."""
+    return re.sub(r"\bd(\d+)\b", r"M[\1]", expr)
+
+
+def _finish(fg, group, b, kind, parts) -> KernelSource:
+    body, entry = parts
+    text = "\n".join(body + entry)
     name = kernel_name("fb_" + kind[:3], text)
-    source = HEADER + TARGET_SIG % name + " {\n" + "\n".join(indent(body, 2)) + "\n}\n" + BATCH % (name, name)
+    entry = [l.replace("@_part", name + "_part") for l in entry]
+    source = (HEADER + PART_SIG % name + " {\n" + "\n".join(indent(body, 2)) + "\n}\n"
+              + TARGET_SIG % name + " {\n" + "\n".join(indent(entry, 2)) + "\n}\n" + BATCH % (name, name))
     return kernel_source(group, b, name, "cpu", kind, source, batch_name=name + "_batch")
 
 

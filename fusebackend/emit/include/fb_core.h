@@ -94,13 +94,37 @@ FB_HD uint16_t float_to_half_bits(float f) {
   uint32_t r = a + 0xfffu + ((a >> 13) & 1u) - (112u << 23);
   return (uint16_t)(sign | (r >> 13));
 }
+#if !FB_CUDA
+// CPU: the same conversions without branches, so g++ vectorises a loop that loads or stores float16 (a
+// _Float16 cast is one F16C instruction per element, and without AVX512-FP16 the vectoriser rejects the
+// type, so the whole loop ran scalar). Bit-exact with the hardware conversion for every half and float
+// (round to nearest even, subnormals, infinities; a NaN stays a NaN of the same sign).
+FB_HD float half_bits_to_float_cpu(uint16_t h) {
+  uint32_t o = ((uint32_t)h & 0x7fffu) << 13, e = o & 0x0f800000u;
+  o += 112u << 23;                                                   // rebias the exponent 15 -> 127
+  uint32_t infnan = o + (112u << 23);                                // exponent 31 -> 255
+  uint32_t sub = float_to_bits(bits_to_float(o + (1u << 23)) - bits_to_float(113u << 23));  // man * 2^-24
+  uint32_t r = e == 0x0f800000u ? infnan : (e == 0 ? sub : o);
+  return bits_to_float(r | (((uint32_t)h & 0x8000u) << 16));
+}
+FB_HD uint16_t float_to_half_bits_cpu(float f) {
+  // signed 32-bit lanes: with unsigned ones g++ narrowed the selects below together with a following
+  // half_range into a conditional it could not vectorise
+  int32_t u = (int32_t)float_to_bits(f), a = u & 0x7fffffff;
+  int32_t nrm = (a - (112 << 23) + 0xfff + ((a >> 13) & 1)) >> 13;                  // round on bit 13
+  int32_t sub = (int32_t)float_to_bits(bits_to_float((uint32_t)a) + 0.5f) - 0x3f000000;  // rounds to 2^-24
+  int32_t big = a > 0x7f800000 ? 0x7e00 : 0x7c00;                    // NaN, or rounds to infinity
+  int32_t r = a >= 0x477ff000 ? big : (a < 0x38800000 ? sub : nrm);
+  return (uint16_t)(r | ((u >> 16) & 0x8000));
+}
+#endif
 FB_HD float to_float(half v) {
 #if defined(__CUDA_ARCH__)
   float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.x)); return f;
 #elif FB_CUDA
   return half_bits_to_float(v.x);
 #else
-  _Float16 h; memcpy(&h, &v.x, 2); return (float)h;
+  return half_bits_to_float_cpu(v.x);
 #endif
 }
 FB_HD half to_half(float f) {
@@ -110,7 +134,7 @@ FB_HD half to_half(float f) {
 #elif FB_CUDA
   r.x = float_to_half_bits(f);
 #else
-  _Float16 h = (_Float16)f; memcpy(&r.x, &h, 2);
+  r.x = float_to_half_bits_cpu(f);
 #endif
   return r;
 }
@@ -125,6 +149,12 @@ template <> FB_HD int64_t ld<int64_t, bf16>(bf16 v) { return (int64_t)to_float(v
 template <> FB_HD int64_t ld<int64_t, half>(half v) { return (int64_t)to_float(v); }
 template <> FB_HD bool ld<bool, bf16>(bf16 v) { return to_float(v) != 0.0f; }
 template <> FB_HD bool ld<bool, half>(half v) { return to_float(v) != 0.0f; }
+#if !FB_CUDA
+// CPU: a bool element is read as its byte. g++ does not vectorise a loop that loads a C++ bool ("no vectype"
+// for the load: a softmax under a boolean mask ran scalar); a byte load it does. Picked over the template
+// above for every fb::ld<C>(p[i]) of a bool tensor, as the more specialised overload.
+template <class C> FB_HD C ld(const bool& v) { return (C)(*reinterpret_cast<const uint8_t*>(&v) != 0); }
+#endif
 
 template <class S, class C> FB_HD S st(C v) { return (S)v; }
 template <> FB_HD bf16 st<bf16, float>(float v) { return to_bf16(v); }
@@ -147,6 +177,13 @@ FB_HD float round_bf16(float v) { return to_float(to_bf16(v)); }
 FB_HD float round_half(float v) { return to_float(to_half(v)); }
 // A float16 result kept in float between ops of one kernel keeps its extra precision, but not its extra
 // range: where eager's float16 overflows to +-inf (|v| >= 65520 rounds to inf), so does the kernel's value.
+#if FB_CUDA
 FB_HD float half_range(float v) { return (v >= 65520.0f || v <= -65520.0f) ? (v > 0.0f ? inf_f() : -inf_f()) : v; }
+#else
+// the same as a multiply by 1 or inf. The || above is control flow g++ does not if-convert in a loop that also
+// branches (a cat), and selects of +-inf (nested compares, fabs/copysign) kept some float16 loops scalar after
+// other ops; tests/test_cpu_math.py checks that the loops of float16 kernels vectorise.
+FB_HD float half_range(float v) { return v * (__builtin_fabsf(v) >= 65520.0f ? inf_f() : 1.0f); }
+#endif
 
 }  // namespace fb
