@@ -9,7 +9,8 @@
 #     --fmad=false fix), HF generate with a budget vs accelerate, per-call and optimizer with generated CUDA
 #     programs off and on; I: the last call -- GPU tests beside 2 fuzzers, then the MoE and horizontal anchors,
 #     the optimizer step and dump --profile (2026-12-02); J: GPU tests beside 2 fuzzers, the optimizer steps
-#     (GPU time, cold compile), the loop-form MoE op, dump --profile (2026-12-02, session 3)
+#     (GPU time, cold compile), the loop-form MoE op, dump --profile (2026-12-02, session 3); K: GPU tests beside
+#     2 fuzzers (after the placed-transfer and frac fixes), the zoo table, HF generate with a budget
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -127,6 +128,19 @@ J)
   TAIL=8 step moe_op_loop 70 python3 bench/moe_op.py --device cuda --only loop --rounds 2
   TAIL=10 step profile 45 python3 -m fusebackend dump llama_layer --device cuda --dtype bf16 --size bench \
     --profile -q
+  ;;
+K)
+  for s in 81 82; do
+    timeout 270 python3 bench/fuzz_gpu.py --seconds 245 --seed $s --log "$OUT/fuzz_$s.cases.txt" \
+      > "$OUT/fuzz_$s.log" 2>&1 &
+  done
+  step gpu_tests 290 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  wait
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
+  for s in 81 82; do tail -n 1 "$OUT/fuzz_$s.log"; done
+  TAIL=16 step zoo 150 python3 bench/zoo.py --size bench --dtype bfloat16 --out "$OUT/zoo.json"
+  TAIL=24 step hf_generate 110 python3 bench/hf_generate.py --models mixtral --shares 0.25 --new 8 --reps 2 \
+    --time-box 25 --out "$OUT/hf_generate"
   ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \

@@ -48,6 +48,15 @@ class _Fuser:
         self.outputs = fg.output_names()
         self.max_nodes = MAX_GROUP_NODES
         self.roots = buffer_roots(fg)       # value -> the buffer it aliases (stores_ok: reads of written inputs)
+        self._data_users: dict[str, list] = {}
+
+    def data_users(self, name: str) -> list:
+        """groups.data_users, once per node: every candidate merge asks it of each member (the graph does not
+        change while its nodes are grouped), which made the pass quadratic in a chain's length."""
+        got = self._data_users.get(name)
+        if got is None:
+            got = self._data_users[name] = data_users(self.fg, name)
+        return got
 
     def fusable(self, name: str) -> bool:
         node = self.fg.node(name)
@@ -80,7 +89,7 @@ class _Fuser:
         shapes = [self.fg.node(n).meta.shape for n in names]
         # written: read outside the kernel (order edges are no reads), or a store into an input
         written = {n for n in names if n in self.outputs or registry.is_store(self.fg.node(n))
-                   or any(u not in names for u in data_users(self.fg, n))}
+                   or any(u not in names for u in self.data_users(n))}
         if reds:
             dom, rdims = next(iter(reds))
         elif written:
