@@ -65,6 +65,9 @@ class FuseOptions:
     # Without a budget, each whole MoE layer (HF's loop, or every expert masked by its gate) runs as one op with
     # one device -> host sync per call (passes/moe_rewrite.py). Default: on unless $FUSEBACKEND_MOE_OP=0.
     moe_op: bool = dataclasses.field(default_factory=lambda: os.environ.get("FUSEBACKEND_MOE_OP", "1") != "0")
+    # Memory layout of 2-D convolutions and the kernels between them (passes/layout.py): 'auto' runs them
+    # channels-last on CUDA where TorchInductor's rule would; 'channels_last' always; 'contiguous' never.
+    conv_layout: str = "auto"
 
     @classmethod
     def from_dict(cls, options) -> "FuseOptions":
@@ -99,6 +102,8 @@ class FuseOptions:
         need(self.dump_dir is None or isinstance(self.dump_dir, str), "dump_dir", "a path string or None")
         need(isinstance(self.pad_matmul, bool), "pad_matmul", "True or False")
         need(isinstance(self.moe_op, bool), "moe_op", "True or False")
+        need(self.conv_layout in ("auto", "channels_last", "contiguous"), "conv_layout",
+             "one of 'auto', 'channels_last', 'contiguous'")
         if self.gpu_memory_budget is not None:
             budget_fraction_or_bytes(self.gpu_memory_budget)
         need(self.hardware_profile is None or isinstance(self.hardware_profile, (str, dict)), "hardware_profile",

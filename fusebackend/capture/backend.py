@@ -80,7 +80,7 @@ def compile_graph(opts: FuseOptions, kind: str, gm: torch.fx.GraphModule, exampl
         report_mod.record(rep, opts)
         warnings.warn("fusebackend: this graph's symbolic sizes are not supported; it runs as ATen calls")
         return _boxed(gm)
-    groups, batches = plan_groups(fg, opts.max_group_nodes)
+    groups, batches = plan_groups(fg, opts.max_group_nodes, opts.conv_layout, kind)
     kernels = build_kernels(fg, groups, opts, rep)
     # encoded before build_program, which is what a warm start runs again on the decoded state
     entry = program_cache.encode(key, gm, fg, groups, batches, rep.specs, kernels, rep.fallbacks) if key else None

@@ -32,6 +32,7 @@ from ..passes.placement import (PlacementError, best_offloaded, expert_modes, pl
                                routed_token_hint)
 from ..passes.placement_moe import rewrite_layer
 from ..passes.placement_rewrite import place_on_cpu, stream_weights
+from ..passes.sentinel_masks import drop_impossible_masks
 from ..runtime import build_program
 from ..runtime.placed import PlacedProgram, WeightHomes
 
@@ -106,6 +107,7 @@ def fuse_placed(gm, example_inputs, opts: FuseOptions, options):
 def _compile_graph(ctx, gm, example_inputs):
     opts, profile, homes = ctx["opts"], ctx["profile"], ctx["homes"]
     fg = lower(gm)
+    drop_impossible_masks(fg)          # transformers 5.17's sentinel masks hide its grouped experts
     fg.input_labels = {name: ctx["labels"][i] for i, name in enumerate(fg.inputs) if i < len(ctx["labels"])}
     patterns = find_patterns(fg)
     homes.experts_seen += len(patterns.experts)

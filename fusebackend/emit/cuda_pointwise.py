@@ -14,13 +14,30 @@ from .cuda_vec import CudaBuilder, VecState
 from .kernel import KernelSource
 
 
+def iteration_order(fg: FusionGraph, group) -> list:
+    """The domain's dims, outermost first, in the memory order of the kernel's first written value of the
+    domain's shape: a channels-last output (passes/layout.py) is walked with channels fastest, so a warp's
+    threads touch consecutive addresses, not addresses C elements apart."""
+    rank = len(group.domain)
+    for name in group.outputs:
+        m = fg.node(name).meta
+        if m is None or tuple(m.shape) != tuple(group.domain) or not all(isinstance(x, int) for x in m.stride):
+            continue
+        return sorted(range(rank), key=lambda d: (-(m.stride[d] if m.shape[d] != 1 else 1 << 62), d))
+    return list(range(rank))
+
+
 def emit_pointwise(fg: FusionGraph, group) -> KernelSource:
     check_supported(fg, group)
     rank = len(group.domain)
     probe = CudaBuilder(fg, group)
     flat = flat_ok(fg, group, probe)
+    order = iteration_order(fg, group)
+    permuted = not flat and order != list(range(rank))
     if flat:
         V = max(1, min(T.MAX_VEC, T.PW_VEC_BYTES // min(op.meta.dtype.itemsize for op in probe.operands)))
+    elif permuted:
+        V = 1                   # vectors run along the last dim; a permuted walk has another innermost
     else:
         V = T.vec_width(probe, group.domain[-1] if rank else 1, T.PW_VEC_BYTES)
     b = CudaBuilder(fg, group, flat_index="li" if flat else None)
@@ -87,6 +104,7 @@ def emit_pointwise(fg: FusionGraph, group) -> KernelSource:
             body += chunk_loop(sbody, None)
     else:
         body += ["for (int64_t li = tid; li < n; li += nthr) {"]
-        body += indent(delinearize("li", list(range(rank)), names), 2) + indent(sbody, 2) + ["}"]
+        body += indent(delinearize("li", order if permuted else list(range(rank)), names), 2) + indent(sbody, 2)
+        body += ["}"]
     launch = {"shape": "pointwise", "vec": V, "threads": T.PW_THREADS, "threads_max": T.PW_BOUND}
     return T.finish(group, b, "pointwise", body, T.PW_BOUND, launch)

@@ -20,6 +20,7 @@ from ..graph.moe_op import UNBOUND
 from .pattern_moe_dense import find_dense_moe_layers
 from .pattern_moe_layer import find_moe_layers
 from .patterns import find_patterns
+from .sentinel_masks import drop_impossible_masks
 from .placement_moe import rewrite_layer
 
 
@@ -46,6 +47,7 @@ def rewrite_moe_layers(fg: FusionGraph, devices=("cuda", "cpu")) -> list:
     returns a RewrittenLayer per layer, in router order."""
     if not has_router(fg):
         return []
+    drop_impossible_masks(fg)          # transformers 5.17's sentinel masks hide its grouped experts
     patterns = find_patterns(fg)
     top_k = {r.topk: r.top_k for r in patterns.routers}
     found = [(L, "loop") for L in find_moe_layers(fg, patterns)
