@@ -74,9 +74,14 @@ def _identity() -> tuple:
             archs = tuple(sorted(int(a) for a in nvrtc.getSupportedArchs()))
         except Exception:
             archs = ()
-        headers = "".join(open(p).read() for p in sorted(glob.glob(os.path.join(INCLUDE, "*.h"))))
+        headers = "".join(_read(p) for p in sorted(glob.glob(os.path.join(INCLUDE, "*.h"))))
         _ident["id"] = (tuple(nvrtc.getVersion()), archs, cache.digest(headers))
     return _ident["id"]
+
+
+def _read(path: str) -> str:
+    with open(path) as f:         # closed now: a ResourceWarning per header surfaced in users' runs (HF generate)
+        return f.read()
 
 
 def _target(arch: int, archs: tuple):
