@@ -10,7 +10,9 @@
 #     programs off and on; I: the last call -- GPU tests beside 2 fuzzers, then the MoE and horizontal anchors,
 #     the optimizer step and dump --profile (2026-12-02); J: GPU tests beside 2 fuzzers, the optimizer steps
 #     (GPU time, cold compile), the loop-form MoE op, dump --profile (2026-12-02, session 3); K: GPU tests beside
-#     2 fuzzers (after the placed-transfer and frac fixes), the zoo table, HF generate with a budget
+#     2 fuzzers (after the placed-transfer and frac fixes), the zoo table, HF generate with a budget; L: the
+#     session's last call -- GPU tests beside 2 fuzzers, channels-last small_cnn, hf_bert, HF generate with a
+#     budget, the horizontal_100_small breakdown, the optimizer's cold compile, a gpt2 eager-attention profile
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -141,6 +143,24 @@ K)
   TAIL=16 step zoo 150 python3 bench/zoo.py --size bench --dtype bfloat16 --out "$OUT/zoo.json"
   TAIL=24 step hf_generate 110 python3 bench/hf_generate.py --models mixtral --shares 0.25 --new 8 --reps 2 \
     --time-box 25 --out "$OUT/hf_generate"
+  ;;
+L)
+  for s in 91 92; do
+    timeout 265 python3 bench/fuzz_gpu.py --seconds 240 --seed $s --log "$OUT/fuzz_$s.cases.txt" \
+      > "$OUT/fuzz_$s.log" 2>&1 &
+  done
+  step gpu_tests 285 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  wait
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
+  for s in 91 92; do tail -n 1 "$OUT/fuzz_$s.log"; done
+  TAIL=4 step zoo_cnn 40 python3 bench/zoo.py --size bench --dtype bfloat16 --only small_cnn
+  TAIL=4 step zoo_bert 45 python3 bench/zoo.py --size bench --dtype bfloat16 --only hf_bert
+  TAIL=12 step horizontal_breakdown 30 python3 bench/horizontal_breakdown.py --device cuda
+  TAIL=24 step hf_generate 100 python3 bench/hf_generate.py --models mixtral --shares 0.25 --new 8 --reps 2 \
+    --time-box 25 --strategies eager accelerate fuse_budget --out "$OUT/hf_generate"
+  TAIL=8 step optimizer 35 python3 bench/optimizer.py --device cuda --n 200 --opt adamw --backends fuse --max-s 2 \
+    --steps-check 3
+  TAIL=40 step profile_cnn 30 python3 bench/profile_gpu.py --torch-profiler --zoo small_cnn
   ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \

@@ -39,6 +39,7 @@ import torch
 
 from ..graph import registry
 from ..graph.fusion_graph import FusionGraph, OpNode, Ref, TensorMeta, ref_names_in
+from .pattern_types import tensor_args
 
 aten = torch.ops.aten
 CONV = aten.convolution.default
@@ -177,7 +178,7 @@ def _propagate(fg: FusionGraph, conv_names: set, seeds: set) -> set:
                 cl.add((n.name, None))
         elif n.kind == "pointwise" and not registry.is_store(n) and _eligible(n.meta) and (
                 n.name in seeds or any((r.name, r.item) in cl and fg.meta_of(r).shape == n.meta.shape
-                                       for r in _refs(n))):
+                                       for r in tensor_args(fg, n.name))):
             n.meta = channels_last_meta(n.meta)
             cl.add((n.name, None))
         elif n.kind == "opaque" and _op(n) in FOLLOWS and n.args and isinstance(n.args[0], Ref) \
@@ -193,23 +194,6 @@ def _propagate(fg: FusionGraph, conv_names: set, seeds: set) -> set:
                     n.multi_meta = multi = multi[:item] + (channels_last_meta(meta),) + multi[item + 1:]
                 cl.add((n.name, item))
     return cl
-
-
-def _refs(node) -> list:
-    out = []
-
-    def walk(v):
-        if isinstance(v, Ref):
-            out.append(v)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                walk(x)
-        elif isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-    walk(node.args)
-    walk(node.kwargs)
-    return out
 
 
 def _reads_any_layout(user, conv_names: set) -> bool:
@@ -238,7 +222,7 @@ def _restore(fg: FusionGraph, cl: set, order: dict) -> None:
         user = fg.node(name)
         if user.name in made.values() or _reads_any_layout(user, conv_names):
             continue
-        for r in {r for r in _refs(user) if (r.name, r.item) in cl}:
+        for r in {r for r in tensor_args(fg, user.name) if (r.name, r.item) in cl}:
             _redirect(fg, user, r, restored((r.name, r.item)))
     fg.outputs = [Ref(restored((o.name, o.item))) if isinstance(o, Ref) and (o.name, o.item) in cl else o
                   for o in fg.outputs]

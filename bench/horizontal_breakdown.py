@@ -1,0 +1,81 @@
+"""Where horizontal_100_small's per-call time goes (issue 14: <= 0.10 ms without CUDA graphs).
+
+    python3 bench/horizontal_breakdown.py [--device cuda|cpu] [--reps 300]
+
+Rows, us per call, wall clock synchronised after each timed loop (bench/timing.py's rules; random inputs):
+  dynamo_floor   torch.compile with a backend whose compiled graph returns outputs allocated once: Dynamo's
+                 guards on the 100 inputs and its frame wrapper, what any backend pays;
+  alloc_100      100 torch.empty_strided calls of the outputs' sizes (what the program allocates per call);
+  fuse           torch.compile(backend="fuse"): the whole call;
+  inductor       torch.compile (default mode), for scale;
+  eager          the 100 problems as ATen calls.
+fuse - dynamo_floor - alloc_100 is what our program's own launch path costs.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import fusebackend  # noqa: E402,F401
+from workloads import _args_horizontal, horizontal  # noqa: E402
+
+
+def per_call_us(fn, args, reps, sync):
+    for _ in range(5):
+        fn(*args)
+    sync()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn(*args)
+        sync()
+        best = min(best, (time.perf_counter() - t0) / reps * 1e6)
+    return best
+
+
+def floor_backend(gm, example_inputs):
+    outs = [torch.empty_like(x) for x in example_inputs]     # allocated once: no work, no allocation per call
+
+    def run(*args):
+        return outs
+    return run
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, default=300)
+    a = ap.parse_args()
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+    g = torch.Generator(device=a.device).manual_seed(0)
+    xs = _args_horizontal(a.device, g)
+    want = horizontal(*xs)
+    rows = {}
+    torch._dynamo.reset()
+    rows["dynamo_floor"] = per_call_us(torch.compile(horizontal, backend=floor_backend), xs, a.reps, sync)
+    rows["alloc_100"] = per_call_us(lambda *xs: [torch.empty_strided(x.shape, x.stride(), dtype=x.dtype,
+                                                                     device=x.device) for x in xs], xs, a.reps, sync)
+    torch._dynamo.reset()
+    fused = torch.compile(horizontal, backend="fuse")
+    got = fused(*xs)
+    assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-6) for p, q in zip(got, want)), "fuse differs from eager"
+    rows["fuse"] = per_call_us(fused, xs, a.reps, sync)
+    torch._dynamo.reset()
+    rows["inductor"] = per_call_us(torch.compile(horizontal), xs, max(20, a.reps // 5), sync)
+    rows["eager"] = per_call_us(horizontal, xs, max(20, a.reps // 5), sync)
+    name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
+    print("horizontal_100_small per call (us), %s, torch %s" % (name, torch.__version__))
+    for k, v in rows.items():
+        print("  %-14s %9.1f" % (k, v))
+    rest = rows["fuse"] - rows["dynamo_floor"] - rows["alloc_100"]
+    print("  %-14s %9.1f   (fuse - dynamo_floor - alloc_100: our program's launch path)" % ("fuse_own", rest))
+
+
+if __name__ == "__main__":
+    main()
