@@ -97,7 +97,7 @@ def test_epilogues_fuse_into_one_kernel_after_each_conv_and_outputs_keep_eager_s
     (gm,) = cuda_graphs(model, x)
     fg = lower(gm)
     before = [fg.meta_of(o) for o in fg.outputs]
-    groups, _ = plan_groups(fg, 200)
+    groups, _ = plan_groups(fg, 200, "auto")
     convs = layout.convolutions(fg)
     assert len(convs) == 2 and all(cl(c.meta) for c in convs)
     owner = {n: g for g in groups for n in g.nodes}
@@ -131,7 +131,7 @@ def test_channels_last_cuda_kernels_compile_with_nvcc_for_sm90(tmp_path):
     for m, args in ((model, inputs), (ConvAffine(), (torch.randn(2, 3, 12, 12),))):
         (gm,) = cuda_graphs(m, *args)
         fg = lower(gm)
-        groups, _ = plan_groups(fg, 200)
+        groups, _ = plan_groups(fg, 200, "auto")
         assert any(cl(c.meta) for c in layout.convolutions(fg))
         for g in groups:
             if g.is_kernel:
@@ -269,4 +269,4 @@ def test_training_step_channels_last_on_the_cpu_matches_eager():
 
 @pytest.mark.gpu
 def test_small_cnn_bf16_on_cuda_runs_its_convolutions_channels_last(monkeypatch):
-    _check_small_cnn("cuda", torch.bfloat16, None, monkeypatch)
+    _check_small_cnn("cuda", torch.bfloat16, {"conv_layout": "auto"}, monkeypatch)

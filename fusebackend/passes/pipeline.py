@@ -10,7 +10,7 @@ from .remat_scalar import rematerialize_scalars
 from .vertical import fuse_vertical
 
 
-def plan_groups(fg, max_nodes: int, conv_layout: str = "auto", kind: str = "inference"):
+def plan_groups(fg, max_nodes: int, conv_layout: str = "contiguous", kind: str = "inference"):
     """Turn copy_s into graph inputs into stores, give convolutions channels-last layouts where they run
     faster so (kind: forward | backward | inference, as the rule differs for training), merge repeated
     computations, copy generated values and one-element values into their readers, fuse producer->consumer
