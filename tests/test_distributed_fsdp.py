@@ -97,7 +97,7 @@ def test_fsdp_storage_ops_run_in_graph_order():
         order = [c.split(".")[1] for c in graphs[0]["collectives"]]
         assert order == ["resize_storage_bytes_"] * 2 + ["all_gather_into_tensor_out", "wait_tensor", "copy_",
                                                          "resize_storage_bytes_"], order
-        assert graphs[0]["kernels"] >= 2
+        assert graphs[0]["kernels"] >= 1        # y's and s's kernels (both after the copy_) may share a launch
 
 
 def test_write_after_read_keeps_its_place():

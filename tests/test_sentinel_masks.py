@@ -55,10 +55,12 @@ def test_hf_mixtral_grouped_experts_are_found_behind_sentinel_masks():
     """The HF Mixtral tiny config planned for CUDA with a budget: every layer's experts are found (transformers
     5.17 masks sentinel rows around its grouped products; 5.24 does not: both must find them)."""
     pytest.importorskip("transformers")
+    import importlib.util
     import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-    import hf_generate as H
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "hf_generate.py")
+    spec = importlib.util.spec_from_file_location("bench_hf_generate", path)   # tests/ has an hf_generate too
+    H = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(H)
     from fusebackend.capture.placement import plan_only
     s = dict(H.SHAPES["mixtral"]["smoke"])
     m = H.build("mixtral", s, 40, "grouped_mm")

@@ -62,9 +62,10 @@ def _assert_same(fn, both, make_args, calls=3):
 
 def kernels_views_aten(x, w):
     s = x[:, :4]                                          # a view only a kernel reads: passed as an address
-    h = torch.mm(x, w)                                    # ATen; a kernel reads it: checked
+    h = torch.mm(x * s.sum(), w)                          # ATen after that kernel (it reads its result); a kernel
+                                                          # reads h: checked
     q = (h.view(2, 4, 6) * 3).permute(0, 2, 1).reshape(2, 24)   # a view chain of a kernel's output
-    return torch.relu(h) * 3 + s.sum(), q.t()[1:], x.t()  # outputs: a kernel's, views
+    return torch.relu(h) * 3, q.t()[1:], x.t()            # outputs: a kernel's, views
 
 
 def test_kernels_views_and_checked_aten_match_interpreted():
