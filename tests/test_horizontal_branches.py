@@ -27,8 +27,11 @@ from torch._guards import detect_fake_mode
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# bench/ last: its zoo.py must not shadow the tests' zoo package
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
 import numerics  # noqa: E402
+from workloads import MoETop2  # noqa: E402
 from zoo.util import assert_low_precision_close, float64_reference  # noqa: E402
 
 import fusebackend  # noqa: E402
@@ -142,25 +145,9 @@ def test_gpt2_eager_attention_copies_share_one_launch():
 
 # ---------------------------------------------------------------- (b) MoE experts
 
-class DenseMoE(torch.nn.Module):
-    """Every expert on every token, weighted by its top-2 routing weight (0 where not picked)."""
-
-    def __init__(self, hidden=32, ffn=64, experts=4, top_k=2):
-        super().__init__()
-        self.top_k = top_k
-        self.router = torch.nn.Linear(hidden, experts, bias=False)
-        lin = lambda i, o: torch.nn.ModuleList(torch.nn.Linear(i, o, bias=False) for _ in range(experts))
-        self.w1, self.w3, self.w2 = lin(hidden, ffn), lin(hidden, ffn), lin(ffn, hidden)
-
-    def forward(self, x):
-        probs = torch.softmax(self.router(x), dim=-1, dtype=torch.float)
-        topw, topi = torch.topk(probs, self.top_k, dim=-1)
-        topw = (topw / topw.sum(dim=-1, keepdim=True)).to(x.dtype)
-        out = torch.zeros_like(x)
-        for e in range(len(self.w1)):
-            gate = (topw * (topi == e)).sum(dim=-1, keepdim=True)
-            out = out + self.w2[e](F.silu(self.w1[e](x)) * self.w3[e](x)) * gate
-        return out
+def DenseMoE(hidden=32, ffn=64, experts=4, top_k=2):
+    """bench/workloads.py's MoETop2 at a test size: every expert on every token, weighted by its top-2 gate."""
+    return MoETop2(hidden, ffn, experts, top_k)
 
 
 def _swiglus(fg, groups):
