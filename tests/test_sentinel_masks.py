@@ -70,3 +70,11 @@ def test_hf_mixtral_grouped_experts_are_found_behind_sentinel_masks():
                                   options={"gpu_memory_budget": 10 ** 9})
     found = sum(len(r.patterns.experts) for r in rep.graph_reports if r.patterns)
     assert found == s["experts"] * s["layers"]
+    # each layer became one moe_experts op; it returns hidden's dtype (bf16) and the layer's float32 sum (its
+    # routing weights are float32) comes back through a cast, so the op's metadata is what it returns
+    ops = [(r.graph, n) for r in rep.graph_reports for n in r.graph.nodes() if n.name.startswith("moe_experts")
+           and not n.name.endswith("_cast")]
+    assert len(ops) == s["layers"]
+    for fg, n in ops:
+        assert n.meta.dtype == torch.bfloat16
+        assert all(fg.node(u).meta.dtype == torch.float32 for u in fg.users(n.name))

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from ..graph import FusionGraph, Ref
 from ..graph.moe_op import OP
 from ..graph.fusion_graph import OpNode
-from ..graph.registry import is_ordered
+from ..graph.registry import classify, is_ordered
 from .pattern_moe_layer import MoELayer
+
+_TO_COPY = torch.ops.aten._to_copy.default
 
 _ASSERTS = ("_assert_scalar", "_assert_async", "_assert_tensor_metadata", "sym_constrain_range_for_size")
 
@@ -55,12 +59,24 @@ def rewrite_layer(fg: FusionGraph, layer: MoELayer, key: int, host_weights: bool
         raise ValueError("moe_experts layout 0 reads whole 2-D expert weights; layer %d slices a 3-D one"
                          % layer.layer)
     name = "moe_experts_layer%d" % layer.layer
+    hidden_meta = fg.meta_of(layer.hidden)
+    # the op returns hidden's dtype; a layer summed in float32 (transformers 5.17's float32 routing weights)
+    # gets its dtype back through a cast kernels fuse, so the op's metadata is what it returns
+    cast = out.meta is not None and hidden_meta is not None and hidden_meta.dtype != out.meta.dtype
+    meta = dataclasses.replace(out.meta, dtype=hidden_meta.dtype) if cast else out.meta
     node = OpNode(name, "opaque", OP, (layer.hidden, layer.idx, layer.weights, weights, key, layer.layout), {},
-                  out.meta, device=out.device)
+                  meta, device=out.device)
     node.stack_trace = out.stack_trace
     deps = sorted({layer.hidden.name, layer.idx.name, layer.weights.name} | {w.name for w in weights})
     fg.add(node, deps)
     node.index = out.index + 0.5                       # where the last scatter-add was: after all it reads
+    if cast:
+        args, kwargs = (Ref(name),), {"dtype": out.meta.dtype}
+        conv = OpNode(name + "_cast", classify(_TO_COPY, args, kwargs, fg.meta_of, out.meta), _TO_COPY, args,
+                      kwargs, out.meta, device=out.device)
+        fg.add(conv, [name])
+        conv.index = out.index + 0.75
+        name = conv.name
     for user in fg.users(layer.output):
         u = fg.node(user)
         mapping = {layer.output: Ref(name)}
