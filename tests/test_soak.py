@@ -30,7 +30,11 @@ def _heap_in_use():
     except (OSError, AttributeError):
         return None
     fn.restype = _MallInfo2
-    return lambda: fn().uordblks + fn().hblkhd
+
+    def in_use():
+        m = fn()
+        return m.uordblks + m.hblkhd
+    return in_use
 
 
 _HEAP = _heap_in_use()

@@ -36,13 +36,13 @@ def _key(x, vn: dict):
     return ("obj", repr(x))           # dtypes, devices, memory formats: their repr names them
 
 
-def _remap(x, old: str, new: str):
+def remap(x, old: str, new: str):
     if isinstance(x, Ref):
         return Ref(new, x.item) if x.name == old else x
     if isinstance(x, (list, tuple)):
-        return type(x)(_remap(v, old, new) for v in x)
+        return type(x)(remap(v, old, new) for v in x)
     if isinstance(x, dict):
-        return {k: _remap(v, old, new) for k, v in x.items()}
+        return {k: remap(v, old, new) for k, v in x.items()}
     return x
 
 
@@ -67,16 +67,17 @@ def eliminate_common(fg: FusionGraph) -> FusionGraph:
             continue
         for u in fg.users(node.name):
             user = fg.node(u)
-            user.args, user.kwargs = _remap(user.args, node.name, keep), _remap(user.kwargs, node.name, keep)
+            user.args, user.kwargs = remap(user.args, node.name, keep), remap(user.kwargs, node.name, keep)
             fg.g.add_edge(keep, u)
         producers = fg.producers(node.name)
         fg.g.remove_node(node.name)
-        _drop_dead(fg, producers, outputs)
+        drop_dead(fg, producers, outputs)
     return fg
 
 
-def _drop_dead(fg: FusionGraph, names, outputs: set) -> None:
-    """The copy a merged reduction read, where nothing else reads it any more."""
+def drop_dead(fg: FusionGraph, names, outputs: set) -> None:
+    """Pure nodes among `names` and their producers that nothing reads any more (the copy a merged
+    reduction read; a dropped mask's ops)."""
     stack = list(names)
     while stack:
         n = stack.pop()

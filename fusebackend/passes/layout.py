@@ -98,8 +98,10 @@ def decide(fg: FusionGraph, mode: str = "auto", training: bool = False) -> bool:
     """Whether the graph's convolutions should run channels-last (see the module docstring for the rule)."""
     if mode not in MODES:
         raise ValueError("conv_layout must be one of %s, got %r" % (", ".join(MODES), mode))
+    if mode == "contiguous":
+        return False
     convs = convolutions(fg)
-    if mode == "contiguous" or not convs:
+    if not convs:
         return False
     if any(not fg.meta_of(a).is_static for c in convs for a in c.args[:2]) or not all(c.meta.is_static for c in convs):
         return False                          # the runtime checks layouts once: symbolic strides stay NCHW

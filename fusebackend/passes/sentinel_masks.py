@@ -12,7 +12,10 @@ the graph computes exactly what it did.
 """
 from __future__ import annotations
 
+import torch
+
 from ..graph.fusion_graph import FusionGraph, Ref
+from .cse import drop_dead
 from .pattern_types import arg, op
 
 _WHERE = {"where"}
@@ -41,12 +44,12 @@ def _bound(fg: FusionGraph, ref, depth: int = 0):
         if inner is None:
             return None
         return min(inner, int(hi) + 1) if isinstance(hi, (int, float)) and not isinstance(hi, bool) else inner
-    if (name in _PASS or name in ("_to_copy", "convert_element_type")) and ref.item is None:
-        m = fg.meta_of(ref)
-        if m is None or m.dtype.is_floating_point or m.dtype.is_complex:
-            return None if name in ("_to_copy", "convert_element_type") else _bound(fg, arg(fg, ref.name, 0),
-                                                                                    depth + 1)
+    if name in _PASS and ref.item is None:
         return _bound(fg, arg(fg, ref.name, 0), depth + 1)
+    if name in ("_to_copy", "convert_element_type") and ref.item is None:
+        m = fg.meta_of(ref)          # an integer cast keeps the values; a float or narrowing one is not trusted
+        ok = m is not None and m.dtype in (torch.int32, torch.int64)
+        return _bound(fg, arg(fg, ref.name, 0), depth + 1) if ok else None
     return None
 
 
@@ -96,18 +99,7 @@ def drop_impossible_masks(fg: FusionGraph) -> int:
         _replace_uses(fg, node.name, keep)
         producers = fg.producers(node.name)
         fg.g.remove_node(node.name)
-        _drop_dead(fg, producers, outputs)
+        drop_dead(fg, producers, outputs)       # the mask's own ops, where nothing else reads them
         dropped += 1
     return dropped
 
-
-def _drop_dead(fg: FusionGraph, names, outputs: set) -> None:
-    """The mask's own ops, where nothing else reads them any more (pure ops only)."""
-    stack = list(names)
-    while stack:
-        n = stack.pop()
-        if n not in fg.g or fg.users(n) or n in outputs or fg.node(n).kind not in ("pointwise", "view"):
-            continue
-        producers = fg.producers(n)
-        fg.g.remove_node(n)
-        stack.extend(producers)
