@@ -162,6 +162,23 @@ L)
     --steps-check 3
   TAIL=40 step profile_cnn 30 python3 bench/profile_gpu.py --torch-profiler --zoo small_cnn
   ;;
+M)   # 2026-12-02 s4 call 1: the intermittent hybrid placed-execution failure looped with tracebacks, beside
+     # the GPU tests and a fuzzer; HF generate with the hybrid layers' per-call trace
+  T=tests/test_placement.py::test_placed_execution_matches_eager_within_the_budget
+  ( for i in $(seq 1 12); do
+      FUSEBACKEND_MOE_TRACE=8 timeout 60 python3 -m pytest -q -p no:cacheprovider --tb=long -rf \
+        "$T[0.0-mixtral_moe_captured-1]" "$T[0.0-mixtral_moe-1]" "$T[0.5-mixtral_moe_captured-1]"
+    done > "$OUT/flaky.log" 2>&1 ) &
+  timeout 265 python3 bench/fuzz_gpu.py --seconds 240 --seed 101 --log "$OUT/fuzz_101.cases.txt" \
+    > "$OUT/fuzz_101.log" 2>&1 &
+  step gpu_tests 285 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  wait
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
+  tail -n 1 "$OUT/fuzz_101.log"
+  grep -cE "passed|failed" "$OUT/flaky.log"; grep -E "passed|failed" "$OUT/flaky.log" | sort | uniq -c
+  FUSEBACKEND_MOE_TRACE=8 TAIL=60 step hf_generate 120 python3 bench/hf_generate.py --models mixtral --shares 0.25 \
+    --new 8 --reps 1 --time-box 40 --strategies eager fuse_budget --out "$OUT/hf_generate"
+  ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \
     --log "$OUT/fuzz_gpu.log.txt"

@@ -200,6 +200,17 @@ def plan_tables(reps):
     return [format_plan(r.placement) for r in reps if getattr(r, "placement", None) is not None]
 
 
+def moe_trace(reps):
+    from fusebackend.inspection.moe_trace import format_trace, trace_rows
+    seen, rows = set(), []
+    for r in reps:
+        moe = getattr(r, "moe", None)
+        if moe is not None and id(moe) not in seen:
+            seen.add(id(moe))
+            rows += trace_rows(moe)
+    return format_trace(rows, last=6)
+
+
 def run(name, setup, model, ids, dev, budget, ref, opts):
     row = dict(strategy=name, budget_gb=None if budget is None else budget / 1e9)
     cuda = dev == "cuda"
@@ -233,6 +244,8 @@ def run(name, setup, model, ids, dev, budget, ref, opts):
                 row["compile_s"] = row["first_s"] - total
             row["warnings"] = sorted({str(w.message)[:200] for w in caught if "fusebackend" in str(w.message)})
             row["plan"], row["plan_tables"] = plan_summary(reps), plan_tables(reps)
+            if os.environ.get("FUSEBACKEND_MOE_TRACE"):     # the hybrid layers' per-call decisions, kept
+                row["moe_trace"] = moe_trace(reps)
             result = (toks, logits)
     except NeedsCuda:
         row["status"] = "needs CUDA"
@@ -327,6 +340,8 @@ def line(r):
             text += "  %s=%s" % (k, json.dumps(r[k], default=str))
     if r.get("warnings"):
         text += "  warnings=%s" % r["warnings"]
+    if r.get("moe_trace"):
+        text += "\n" + r["moe_trace"]
     return text
 
 
