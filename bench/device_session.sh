@@ -179,6 +179,14 @@ M)   # 2026-12-02 s4 call 1: the intermittent hybrid placed-execution failure lo
   FUSEBACKEND_MOE_TRACE=8 TAIL=60 step hf_generate 120 python3 bench/hf_generate.py --models mixtral --shares 0.25 \
     --new 8 --reps 1 --time-box 40 --strategies eager fuse_budget --out "$OUT/hf_generate"
   ;;
+N)   # 2026-12-02 s4 call 2: one hybrid layer per MoE layer across the model's graphs (decode reuses the
+     # prefill graph's resident experts); the placed-execution test alone; HF generate against accelerate
+  T=tests/test_placement.py::test_placed_execution_matches_eager_within_the_budget
+  step placed_alone 90 python3 -m pytest -q -p no:cacheprovider --tb=short -rf "$T[0.0-mixtral_moe_captured-1]" \
+    tests/test_placement.py tests/test_hybrid_moe.py tests/test_moe_resident.py
+  FUSEBACKEND_MOE_TRACE=4 TAIL=50 step hf_generate 150 python3 bench/hf_generate.py --models mixtral \
+    --shares 0.25 --new 8 --reps 2 --time-box 40 --strategies eager accelerate fuse_budget --out "$OUT/hf_generate"
+  ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \
     --log "$OUT/fuzz_gpu.log.txt"

@@ -274,3 +274,14 @@ def test_decisions_are_validated():
         Decision.of("x", 0, "split", mixtral(1))
     with pytest.raises(ValueError, match="listed twice"):
         schedule_experts(REF, [(1, 1, False), (1, 2, False)], H, FF, BF16)
+
+
+def test_a_layer_without_staging_room_runs_its_far_experts_on_the_cpu_at_the_cpu_cost():
+    """link=False (no staging buffer): nothing is streamed or split, and the prediction is the CPU's time --
+    it was once made by a profile with a 1 B/s link, which put 3.5e5 s into the trace's predicted column."""
+    experts = [(0, 1, False), (1, 1, False), (2, 3, True)]
+    s = schedule_experts(REF, experts, H, FF, BF16, link=False)
+    assert s.streamed == [] and s.split is None and sorted(s.cpu) == [0, 1] and s.resident == [2]
+    one = schedule_experts(REF, [(0, 1, False)], H, FF, BF16, link=False).predicted_s
+    assert 0 < one < 0.1 and s.predicted_s == pytest.approx(max(s.cpu_s, s.gpu_s))
+    assert s.cpu_s == pytest.approx(2 * one, rel=0.05)

@@ -100,7 +100,7 @@ class SimApi(cw.CudaApi):
     def empty(self, shape, dtype): return torch.full(shape, float("nan"), dtype=dtype)
     def pinned(self, shape, dtype): return torch.empty(shape, dtype=dtype)
     def pin(self, t): self.pinned_tensors.append(t); return t
-    def unpin(self, t): self.pinned_tensors.remove(t)
+    def unpin(self, t): self.pinned_tensors[:] = [p for p in self.pinned_tensors if p is not t]   # by identity
     def record_stream(self, t, s): pass
     def can_copy2d(self): return True
 

@@ -192,3 +192,28 @@ def test_a_layer_that_cannot_run_falls_back_to_the_formula_with_one_warning(monk
         _w.simplefilter("error")
         OP(hidden, idx, w, ex, 900_003, 0)                          # no second warning
     assert binding.failed is not None
+
+
+def test_graphs_of_one_model_share_the_hybrid_layer_of_the_same_experts():
+    """HF generate compiles a prefill and decode graphs; each has its own moe_experts op for the same layer.
+    They must run one HybridMoELayer (one set of resident copies under the budget, one popularity score): the
+    decode graphs' plans found the budget held by the prefill graph's resident experts and homed none."""
+    from test_hybrid_moe import SimApi, make_experts
+    from fusebackend.passes.hardware_profile import reference_h200
+    from fusebackend.runtime.placed_moe import ModelMoE, bind
+    torch.manual_seed(2)
+    E, H, Fn, T, k = 6, 32, 48, 4, 2
+    model = ModelMoE(reference_h200(), staging_slots=2)
+    model.api = SimApi()
+    ex = [t for trio in make_experts(E, H, Fn, torch.float32, seed=3) for t in trio]
+    other = [t for trio in make_experts(E, H, Fn, torch.float32, seed=4) for t in trio]
+    prefill, decode, second = bind(model, 900_011, resident=[0, 3]), bind(model, 900_012, resident=[]), \
+        bind(model, 900_013, resident=[1])
+    for key, weights, t in ((900_011, ex, T), (900_012, ex, 1), (900_013, other, 1)):
+        hidden, w = torch.randn(t, H), torch.rand(t, k)
+        idx = torch.stack([torch.randperm(E)[:k] for _ in range(t)])
+        torch.testing.assert_close(OP(hidden, idx, w, weights, key, 0), reference_moe(hidden, idx, w, weights),
+                                   rtol=1e-5, atol=1e-5)
+    assert decode.layer is prefill.layer and sorted(prefill.layer.gpu) == [0, 3]
+    assert second.layer is not prefill.layer and sorted(second.layer.gpu) == [1]
+    assert len(model.traces()) <= 2

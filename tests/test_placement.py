@@ -202,7 +202,11 @@ def test_placed_execution_matches_eager_within_the_budget(name, share, hybrid, m
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out2, ref2, rtol=1e-5, atol=1e-5)
     activations = sum(x.numel() * x.element_size() for x in inputs) * 64
-    assert torch.cuda.max_memory_allocated() - base <= budget + activations + experts // 4 + (1 << 21)
+    # cuBLAS's workspace (32 MiB on Hopper) comes from the caching allocator the first time a (thread, stream)
+    # runs a GEMM: run alone, this test's second call makes one (H200, 12 of 12 runs: 33,573,888 bytes peak),
+    # in the full suite an earlier test had. Not a weight: the budget does not reserve it.
+    workspace = 32 << 20
+    assert torch.cuda.max_memory_allocated() - base <= budget + activations + experts // 4 + workspace + (1 << 21)
 
 
 @pytest.mark.gpu

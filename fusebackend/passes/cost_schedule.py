@@ -226,11 +226,12 @@ def _best_split(costs: _Costs, gpu_res: float, streamed: tuple, i: int):
 
 
 def schedule_experts(profile: HardwareProfile, experts, hidden: int, ffn: int, dtype, allow_split: bool = True,
-                     n_mats: int = 3) -> ExpertSchedule:
+                     n_mats: int = 3, link: bool = True) -> ExpertSchedule:
     """experts: (expert_id, tokens, resident) for one MoE layer-step. Resident experts run on the GPU; each
     non-resident expert with tokens goes to the CPU or over the link, minimising the predicted layer time.
     allow_split: also try splitting one expert's FFN rows between the CPU and the link (the largest CPU expert
-    when the CPU side decides, the smallest streamed one when the GPU side does); kept only when it wins."""
+    when the CPU side decides, the smallest streamed one when the GPU side does); kept only when it wins.
+    link=False: a layer with no staging buffer -- every non-resident expert runs on the CPU."""
     seen, res, far = set(), [], []
     for e, t, r in experts:
         if not isinstance(t, numbers.Integral) or isinstance(t, bool) or t < 0:
@@ -243,9 +244,9 @@ def schedule_experts(profile: HardwareProfile, experts, hidden: int, ffn: int, d
     terms = expert_terms(profile, hidden, ffn, dtype, n_mats)
     gpu_res = sum(terms.gpu(t) for _, t in res)
     costs = _Costs(profile, far, terms)
-    best_t, streamed = _best_whole(costs, gpu_res)
+    best_t, streamed = _best_whole(costs, gpu_res) if link else (None, ())
     split = None
-    if allow_split and far:
+    if allow_split and link and far:
         cpu_idx = [i for i in range(len(far)) if i not in streamed]
         cands = set()
         t, c, _ = costs.evaluate(streamed, gpu_res)

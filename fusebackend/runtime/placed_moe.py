@@ -37,6 +37,7 @@ class ModelMoE:
     def __init__(self, profile, staging_slots: int):
         self.profile, self.staging_slots = profile, staging_slots
         self.layers = []                   # _Binding, in the order their layers first ran
+        self.shared = {}                   # expert weights' identity -> HybridMoELayer, one per MoE layer
         self.pools = {}                    # (H, F, dtype) -> StagingPool shared by the model's layers
         self.correction = CostCorrection()
         self.lock = threading.Lock()
@@ -59,7 +60,12 @@ class ModelMoE:
         return lambda: nxt.prefetch(nxt.likely(len(nxt.pool.bufs)))
 
     def traces(self) -> list:
-        return [(b.key, b.layer.collect_trace()) for b in self.layers if b.layer is not None and b.layer.tracing]
+        seen, out = set(), []
+        for b in self.layers:              # a layer shared by several graphs' ops is reported once
+            if b.layer is not None and b.layer.tracing and id(b.layer) not in seen:
+                seen.add(id(b.layer))
+                out.append((b.key, b.layer.collect_trace()))
+        return out
 
 
 class _Binding:
@@ -93,15 +99,25 @@ class _Binding:
                 m.api = CudaApi(hidden.device)
             ffn, h = trios[0][0].shape
             cap = trace_cap()
-            if self.layer is not None:
-                self.layer.close()
-            pool = m.pool(h, ffn, trios[0][0].dtype)
-            self.layer = HybridMoELayer(trios, resident=self.resident, profile=m.profile, api=m.api,
-                                        staging=pool, staging_slots=0, scheduler=None if pool else _cpu_only,
-                                        correction=m.correction, trace=bool(cap), trace_cap=cap or 1024)
-            self.ident = ident
-            # its pinned homes are released with the binding (the compiled program's lifetime)
-            weakref.finalize(self, self.layer.close)
+            full = (ident, len(trios)) + tuple(t.data_ptr() for t in trios[-1])
+            layer = m.shared.get(full)
+            if layer is None:
+                pool = m.pool(h, ffn, trios[0][0].dtype)
+                layer = HybridMoELayer(trios, resident=self.resident, profile=m.profile, api=m.api,
+                                       staging=pool, staging_slots=0, scheduler=None if pool else _cpu_only,
+                                       correction=m.correction, trace=bool(cap), trace_cap=cap or 1024)
+                m.shared[full] = layer
+                # its pinned homes and resident copies are released with the model's ledger
+                weakref.finalize(m, layer.close)
+            else:
+                # another graph of the model (prefill and decode graphs) runs the same MoE layer: one set of
+                # resident experts, one popularity score; experts this graph's plan homed on the GPU join them
+                more = [e for e in self.resident if e not in layer.gpu]
+                if more:
+                    layer.capacity += len(more)
+                    layer.set_resident(sorted(layer.gpu) + more, max_swaps=len(more))
+                    layer.swaps -= len(more)
+            self.layer, self.ident = layer, ident
             if self not in m.layers:
                 m.layers.append(self)
 
@@ -116,4 +132,4 @@ def bind(model: ModelMoE, key: int, resident) -> _Binding:
 def _cpu_only(profile, experts, hidden, ffn, dtype, allow_split=False):
     """The scheduler of a layer with no staging room (the budget held none): the link is never chosen."""
     from ..passes.cost_schedule import schedule_experts
-    return schedule_experts(profile.replace(h2d_bw=1.0), experts, hidden, ffn, dtype, allow_split=False)
+    return schedule_experts(profile, experts, hidden, ffn, dtype, allow_split=False, link=False)
