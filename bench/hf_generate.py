@@ -200,17 +200,6 @@ def plan_tables(reps):
     return [format_plan(r.placement) for r in reps if getattr(r, "placement", None) is not None]
 
 
-def moe_trace(reps):
-    from fusebackend.inspection.moe_trace import format_trace, trace_rows
-    seen, rows = set(), []
-    for r in reps:
-        moe = getattr(r, "moe", None)
-        if moe is not None and id(moe) not in seen:
-            seen.add(id(moe))
-            rows += trace_rows(moe)
-    return format_trace(rows, last=6)
-
-
 def run(name, setup, model, ids, dev, budget, ref, opts):
     row = dict(strategy=name, budget_gb=None if budget is None else budget / 1e9)
     cuda = dev == "cuda"
@@ -245,7 +234,8 @@ def run(name, setup, model, ids, dev, budget, ref, opts):
             row["warnings"] = sorted({str(w.message)[:200] for w in caught if "fusebackend" in str(w.message)})
             row["plan"], row["plan_tables"] = plan_summary(reps), plan_tables(reps)
             if os.environ.get("FUSEBACKEND_MOE_TRACE"):     # the hybrid layers' per-call decisions, kept
-                row["moe_trace"] = moe_trace(reps)
+                from fusebackend.inspection.moe_trace import format_trace, report_trace_rows
+                row["moe_trace"] = format_trace(report_trace_rows(reps), last=6)
             result = (toks, logits)
     except NeedsCuda:
         row["status"] = "needs CUDA"

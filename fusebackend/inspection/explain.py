@@ -59,7 +59,7 @@ def explain(fn, *args, options=None, profile=False, **kwargs) -> Report:
     profile=True also times calls of eager, Inductor and fuse (inspection/call_profile.py): host time, GPU busy
     time, kernel launch-plus-queue time per call, and whether the call is launch- or GPU-bound."""
     from ..capture.backend import fuse
-    from .moe_trace import trace_rows
+    from .moe_trace import report_trace_rows
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend=fuse, options=options) if options else torch.compile(fn, backend=fuse)
     own = "FUSEBACKEND_MOE_TRACE" not in os.environ       # hybrid MoE layers record their decisions
@@ -75,12 +75,7 @@ def explain(fn, *args, options=None, profile=False, **kwargs) -> Report:
     if profile:
         from .call_profile import compare_backends
         rep.profiles = compare_backends(fn, args, options, kwargs=kwargs)
-    seen = set()
-    for r in reps:
-        moe = getattr(r, "moe", None)
-        if moe is not None and id(moe) not in seen:
-            seen.add(id(moe))
-            rep.moe_trace += trace_rows(moe)
+    rep.moe_trace += report_trace_rows(reps)
     for r in reps:
         if r.kind == "backward":
             continue

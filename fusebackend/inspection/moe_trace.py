@@ -26,6 +26,17 @@ def trace_rows(moe) -> list:
     return rows
 
 
+def report_trace_rows(reports) -> list:
+    """trace_rows of every model's hybrid layers that these graph reports reach, each model once."""
+    seen, rows = set(), []
+    for r in reports:
+        moe = getattr(r, "moe", None)
+        if moe is not None and id(moe) not in seen:
+            seen.add(id(moe))
+            rows += trace_rows(moe)
+    return rows
+
+
 def format_trace(rows, last: int = 8) -> str:
     if not rows:
         return ""

@@ -117,7 +117,12 @@ class _Binding:
                     layer.capacity += len(more)
                     layer.set_resident(sorted(layer.gpu) + more, max_swaps=len(more))
                     layer.swaps -= len(more)
+            old = self.layer
             self.layer, self.ident = layer, ident
+            if old is not None and old is not layer and all(b.layer is not old for b in m.layers):
+                # the op's weights were replaced and no other graph runs the old ones: let their pins go
+                m.shared = {k: v for k, v in m.shared.items() if v is not old}
+                old.close()
             if self not in m.layers:
                 m.layers.append(self)
 
