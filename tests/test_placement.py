@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -226,3 +227,20 @@ def test_hf_experts_run_outside_the_graphs_are_named_in_one_warning():
     assert len(said) == 1 and "grouped_mm" in said[0], [str(w.message) for w in caught]
     for out in outs:
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_resident_experts_are_spread_over_the_layers_under_uniform_routing():
+    """Room for 4 of 8 experts (2 layers x 4): equal benefit per byte, so each layer keeps 2 (layer 0 took
+    all 4 before; the runtime re-chooses residents only within a layer's share)."""
+    pytest.importorskip("transformers")
+    from placement_graphs import tiny_hf
+    model, inputs = tiny_hf("mixtral", "grouped_mm")
+    entry = SimpleNamespace(dynamo_config={})
+    fixed = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." not in n)
+    experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+    _, plans = _plans(entry, model, inputs, gpu_memory_budget=fixed + experts // 2)
+    rows = [s for p in plans for s in p.subgraphs if s.kind == "expert"]
+    assert len(rows) == 8, [s.name for s in rows]
+    per_layer = {l: sum(1 for s in rows if s.home == "gpu" and s.name.startswith("layer%d." % l)) for l in (0, 1)}
+    slots = plans[0].staging_slots
+    assert sum(per_layer.values()) == 4 - slots and abs(per_layer[0] - per_layer[1]) <= 1, (per_layer, slots)

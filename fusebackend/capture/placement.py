@@ -28,8 +28,8 @@ from ..passes import plan_groups
 from ..passes.hardware_profile import reference_h200
 from ..passes.pattern_moe_layer import find_moe_layers
 from ..passes.patterns import find_patterns
-from ..passes.placement import (PlacementError, best_offloaded, expert_modes, plan_placement, predict_hybrid,
-                               routed_token_hint)
+from ..passes.hybrid_predict import choice_cost_ms, predict_hybrid, routed_pairs
+from ..passes.placement import PlacementError, best_offloaded, expert_modes, plan_placement, routed_token_hint
 from ..passes.placement_moe import rewrite_layer
 from ..passes.placement_rewrite import place_on_cpu, stream_weights
 from ..passes.sentinel_masks import drop_impossible_masks
@@ -118,7 +118,9 @@ def _compile_graph(ctx, gm, example_inputs):
     held = getattr(homes, "moe", None)
     slot = 0 if not layers or (held is not None and held.staging_slots) else max(
         c.weight_bytes for L in layers for c in L.experts)
-    hint = routed_token_hint(fg, patterns, _rows_hint(ctx, fg, patterns))
+    rows_hint = _rows_hint(ctx, fg, patterns)
+    hint, pairs = routed_token_hint(fg, patterns, rows_hint), routed_pairs(fg, patterns, rows_hint)
+    shares = {l: dict(enumerate(v)) for l, v in (opts.routing_profile or {}).items()}
 
     def planned(slots):
         p = plan_placement(fg, patterns, profile, homes.budget, names, sizes,
@@ -126,11 +128,14 @@ def _compile_graph(ctx, gm, example_inputs):
                            fixed_homes=known, token_hint=hint, staging_slot_bytes=slot, staging_slots=slots,
                            sliced_layers=[L.layer for L in layers if L.layout == 1])
         p.hybrid_layers = [L.layer for L in layers]
-        predict_hybrid(p, patterns, profile)
+        p.shared_staging_slots = held.staging_slots if held is not None else 0
+        predict_hybrid(p, patterns, profile, pairs, shares)
         return p
-    # streaming buffers or resident experts: the budget goes to whichever the schedule says is faster
+    # streaming buffers or resident experts: the budget goes to whichever the schedule says is faster, over
+    # this call and the decode steps that follow it (the first graph fixes the model's buffers for all of them)
     candidates = [planned(n) for n in range(STAGING_SLOTS, -1, -1)] if slot else [planned(0)]
-    plan = min(candidates, key=lambda p: sum(p.hybrid_predicted_ms.values()))
+    decode_rows = next((a.batch for a in patterns.attention if isinstance(a.batch, int)), 1)
+    plan = min(candidates, key=lambda p: choice_cost_ms(p, patterns, profile, pairs, decode_rows, shares))
     rep = records.GraphReport(kind="inference", graph=fg)
     rep.placement, rep.patterns = plan, patterns
     rep.ledger = homes          # planning only: the reports keep the model's ledger alive between its graphs

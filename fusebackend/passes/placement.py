@@ -15,7 +15,6 @@ from typing import Optional
 
 from ..options import OptionError
 from .cost_model import attention_cost, expert_cost
-from .cost_schedule import schedule_experts
 
 
 class PlacementError(OptionError):
@@ -51,6 +50,7 @@ class PlacementPlan:
     hybrid_layers: list = field(default_factory=list)   # MoE layers whose experts are scheduled per call
     expert_homes: dict = field(default_factory=dict)    # (layer, expert) -> home, for sliced 3-D weights
     hybrid_predicted_ms: dict = field(default_factory=dict)  # layer -> the scheduled (overlapped) layer time
+    shared_staging_slots: int = 0         # streaming buffers an earlier graph of the model holds (used here too)
 
     @property
     def resident_bytes(self) -> int:
@@ -153,7 +153,15 @@ def plan_placement(fg, patterns, profile, budget_bytes: int, weight_inputs, weig
     placed, expert_homes = 0, {}
     for w in {w for c in patterns.experts if sliced(c) for w in _weights(c)}:
         homes[w] = "host"            # the 3-D parameter stays in host memory; resident slices are copies
-    for _, unit, ws, modes, size, tokens in sorted(ranked, key=lambda r: -r[0]):
+    # equal benefit (uniform routing): take the layers in turn, so every layer keeps some experts resident
+    # (the runtime re-chooses them per layer from observed routing) rather than layer 0 holding them all
+    seen, turn = {}, []
+    for r in ranked:
+        layer = r[1][0].layer
+        turn.append(seen.get(layer, 0))
+        seen[layer] = turn[-1] + 1
+    order = sorted(range(len(ranked)), key=lambda i: (-ranked[i][0], turn[i]))
+    for _, unit, ws, modes, size, tokens in (ranked[i] for i in order):
         c = unit[0]
         if sliced(c):                # one expert's slice of a layer's 3-D weights, homed on its own
             home = "gpu" if size <= left - placed else "host"
@@ -258,18 +266,3 @@ def format_plan(plan: PlacementPlan) -> str:
                      "counts (mode above: the average call's)%s" % (
                          layer, "; at these token counts, scheduled and overlapped: %.3f ms" % pred if pred else ""))
     return "\n".join(lines)
-
-
-def predict_hybrid(plan: PlacementPlan, patterns, profile) -> None:
-    """plan.hybrid_predicted_ms: each hybrid layer's step as the runtime would schedule it at the plan's token
-    counts (cost_schedule.schedule_experts: CPU, link and GPU overlapped), not the serial sum of the table."""
-    for layer in plan.hybrid_layers:
-        mine = [c for c in patterns.experts if c.layer == layer and c.kind == "routed" and c.expert is not None]
-        if not mine:
-            continue
-        rows = {s.name: s for s in plan.subgraphs}
-        experts = [(c.expert, rows[_name(c)].tokens, rows[_name(c)].home == "gpu") for c in mine if _name(c) in rows]
-        if experts:
-            c = mine[0]
-            plan.hybrid_predicted_ms[layer] = 1e3 * schedule_experts(profile, experts, c.hidden, c.ffn,
-                                                                     c.dtype).predicted_s
