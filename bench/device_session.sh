@@ -187,6 +187,18 @@ N)   # 2026-12-02 s4 call 2: one hybrid layer per MoE layer across the model's g
   FUSEBACKEND_MOE_TRACE=4 TAIL=50 step hf_generate 150 python3 bench/hf_generate.py --models mixtral \
     --shares 0.25 --new 8 --reps 2 --time-box 40 --strategies eager accelerate fuse_budget --out "$OUT/hf_generate"
   ;;
+O)   # 2026-12-03 s5 call 1: GPU tests beside a fuzzer after the staging-vs-resident fix; HF generate against
+     # accelerate with the per-call trace and a profiled warm generate (where decode's host time goes)
+  timeout 265 python3 bench/fuzz_gpu.py --seconds 240 --seed 111 --log "$OUT/fuzz_111.cases.txt" \
+    > "$OUT/fuzz_111.log" 2>&1 &
+  step gpu_tests 285 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  wait
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
+  tail -n 1 "$OUT/fuzz_111.log"
+  FUSEBACKEND_MOE_TRACE=4 TAIL=120 step hf_generate 170 python3 bench/hf_generate.py --models mixtral \
+    --shares 0.25 --new 16 --reps 2 --time-box 50 --strategies eager accelerate fuse_budget --profile 6 \
+    --out "$OUT/hf_generate"
+  ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \
     --log "$OUT/fuzz_gpu.log.txt"

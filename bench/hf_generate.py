@@ -233,6 +233,8 @@ def run(name, setup, model, ids, dev, budget, ref, opts):
                 row["compile_s"] = row["first_s"] - total
             row["warnings"] = sorted({str(w.message)[:200] for w in caught if "fusebackend" in str(w.message)})
             row["plan"], row["plan_tables"] = plan_summary(reps), plan_tables(reps)
+            if opts.profile and name.startswith("fuse_budget"):    # where a warm generate's host time goes
+                row["profile"] = profile_generate(m, ids_d, opts.profile, sync, cuda)
             if os.environ.get("FUSEBACKEND_MOE_TRACE"):     # the hybrid layers' per-call decisions, kept
                 from fusebackend.inspection.moe_trace import format_trace, report_trace_rows
                 row["moe_trace"] = format_trace(report_trace_rows(reps), last=6)
@@ -256,6 +258,23 @@ def run(name, setup, model, ids, dev, budget, ref, opts):
     del m
     torch._dynamo.reset()
     return row, result
+
+
+def profile_generate(m, ids, new_tokens, sync, cuda):
+    """torch.profiler over one warm generate of `new_tokens`: the ops by self host time, and the hybrid MoE
+    layers' share of the wall clock (their record_function range) against the whole call."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        gen(m, ids, new_tokens, sync)
+    wall = time.perf_counter() - t0
+    ev = prof.key_averages()
+    moe = sum(e.cpu_time_total for e in ev if e.key == "fusebackend.hybrid_moe") / 1e3
+    table = ev.table(sort_by="self_cpu_time_total", row_limit=30)
+    return "profiled generate of %d tokens: %.1f ms wall (profiler on), hybrid MoE ranges %.1f ms\n%s" % (
+        new_tokens, wall * 1e3, moe, table)
 
 
 def plan_rows(model, ids, budgets):
@@ -332,6 +351,8 @@ def line(r):
         text += "  warnings=%s" % r["warnings"]
     if r.get("moe_trace"):
         text += "\n" + r["moe_trace"]
+    if r.get("profile"):
+        text += "\n" + r["profile"]
     return text
 
 
@@ -344,6 +365,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--profile", type=int, default=0, help="fuse_budget: profile a warm generate of N tokens")
     ap.add_argument("--time-box", type=float, default=240.0, help="seconds per strategy (compile + timing)")
     ap.add_argument("--experts-impl", default="grouped_mm")
     ap.add_argument("--host-memory", default="100GiB", help="accelerate's max_memory for the CPU")

@@ -83,7 +83,8 @@ class _Binding:
             if self.layer is None or ident != self.ident:
                 self._build(hidden, expert_triples(experts, layout), ident)
             hook = self.model.after(self)
-            return self.layer.forward(hidden, idx, weights.reshape(idx.shape), after_issue=hook)
+            with torch.profiler.record_function("fusebackend.hybrid_moe"):     # its share of a profiled call
+                return self.layer.forward(hidden, idx, weights.reshape(idx.shape), after_issue=hook)
         except torch.cuda.OutOfMemoryError:
             raise                        # a budget overrun is the caller's to see, not to hide in a fallback
         except Exception as e:           # the layer cannot run: its formula, each expert copied as it is read
