@@ -15,6 +15,7 @@ import warnings
 import torch
 
 from ..graph.fusion_graph import Ref
+from .alloc import empty_strided_for
 from .steps import KernelStep, LayoutMismatch
 
 ALIGN = 16      # bytes: every output of a batch starts here, so 16-byte vector accesses stay valid
@@ -176,7 +177,8 @@ class Outputs:
 
     def __call__(self):
         if self.pool is None:
-            outs = [torch.empty_strided(s, st, dtype=dt, device=self.device) for s, st, dt in self.allocs]
+            empty = empty_strided_for(self.device)
+            outs = [empty(s, st, dt) for s, st, dt in self.allocs]
             return outs, [t.data_ptr() for t in outs]
         shared, addrs = self.pool()
         if not self.own:
@@ -184,9 +186,10 @@ class Outputs:
         outs, ptrs = [None] * len(self.allocs), [0] * len(self.allocs)
         for k, t, a in zip(self.shared, shared, addrs):
             outs[k], ptrs[k] = t, a
+        empty = empty_strided_for(self.device)
         for k in self.own:
             s, st, dt = self.allocs[k]
-            t = outs[k] = torch.empty_strided(s, st, dtype=dt, device=self.device)
+            t = outs[k] = empty(s, st, dt)
             ptrs[k] = t.data_ptr()
         return outs, ptrs
 

@@ -22,6 +22,7 @@ import re
 import torch
 
 from ..graph.fusion_graph import Ref
+from .alloc import FAST_EMPTY, TORCH_EMPTY_STRIDED
 from .batch import BatchKernelStep
 from .meta_check import CheckedAtenStep, MetaMismatch
 from .steps import AtenStep, DynamicKernelStep, KernelStep, LayoutMismatch
@@ -304,15 +305,8 @@ class _Writer:
             self.kernel_made.add(name)
 
 
-def _fast_empty() -> dict:
-    guards = getattr(getattr(torch._C, "_dynamo", None), "guards", None)
-    found = {dev: getattr(guards, "_empty_strided_" + dev, None) for dev in ("cpu", "cuda")}
-    return {k: v for k, v in found.items() if v is not None}
-
-
-_FAST_EMPTY = _fast_empty()
+_FAST_EMPTY, _TORCH_EMPTY_STRIDED = FAST_EMPTY, TORCH_EMPTY_STRIDED
 _REINTERPRET = getattr(getattr(getattr(torch._C, "_dynamo", None), "guards", None), "_reinterpret_tensor", None)
-_TORCH_EMPTY_STRIDED = torch.empty_strided
 
 
 def writes(step) -> list:
