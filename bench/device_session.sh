@@ -12,7 +12,8 @@
 #     (GPU time, cold compile), the loop-form MoE op, dump --profile (2026-12-02, session 3); K: GPU tests beside
 #     2 fuzzers (after the placed-transfer and frac fixes), the zoo table, HF generate with a budget; L: the
 #     session's last call -- GPU tests beside 2 fuzzers, channels-last small_cnn, hf_bert, HF generate with a
-#     budget, the horizontal_100_small breakdown, the optimizer's cold compile, a gpt2 eager-attention profile
+#     budget, the horizontal_100_small breakdown, the optimizer's cold compile, a gpt2 eager-attention profile;
+#     O: (s5) GPU tests beside a fuzzer, HF generate with --profile; P: (s6) launch-knob tuning, horizontal
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -198,6 +199,14 @@ O)   # 2026-12-03 s5 call 1: GPU tests beside a fuzzer after the staging-vs-resi
   FUSEBACKEND_MOE_TRACE=4 TAIL=120 step hf_generate 170 python3 bench/hf_generate.py --models mixtral \
     --shares 0.25 --new 16 --reps 2 --time-box 50 --strategies eager accelerate fuse_budget --profile 6 \
     --out "$OUT/hf_generate"
+  ;;
+P)   # 2026-12-03 s6 call 1: launch knobs on the H200 (batch grid-stride steps on the AdamW step, pointwise vector
+     # bytes and waves, the row kernels' variants), where horizontal_100_small's per-call time goes
+  TAIL=30 step tune_batch 170 python3 bench/tune_batch.py --max-s 130
+  TAIL=25 step tune_rows 120 python3 bench/tune_rows.py
+  TAIL=40 step horizontal 90 python3 bench/horizontal_breakdown.py --device cuda --cprofile 18
+  TAIL=40 step offload_full 120 python3 bench/offload.py --budgets 1 --strategies gpu_all,pinned,fuse \
+    --time-limit 95 --cell-limit 8 --out "$OUT/offload_full"
   ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \

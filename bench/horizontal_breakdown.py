@@ -8,6 +8,8 @@ Rows, us per call, wall clock synchronised after each timed loop (bench/timing.p
   alloc_100      100 torch.empty_strided calls of the outputs' sizes from a Python loop (the program allocates
                  its outputs too, from a tighter loop: on the H200 fuse's whole call took less than this row);
   fuse           torch.compile(backend="fuse"): the whole call;
+  fuse_no_dynamo the callable fuse's backend returned (AOT autograd's wrapper around our program), called
+                 directly: the whole call without Dynamo's guards and frame;
   inductor       torch.compile (default mode), for scale;
   eager          the 100 problems as ATen calls.
 """
@@ -51,6 +53,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--cprofile", type=int, default=0, help="also list the N functions with most own time "
+                    "in fuse_no_dynamo calls (cProfile: its overhead inflates, the shares are what to read)")
     a = ap.parse_args()
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     g = torch.Generator(device=a.device).manual_seed(0)
@@ -66,6 +70,27 @@ def main():
     got = fused(*xs)
     assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-6) for p, q in zip(got, want)), "fuse differs from eager"
     rows["fuse"] = per_call_us(fused, xs, a.reps, sync)
+    torch._dynamo.reset()
+    inner = []
+    from fusebackend.capture.backend import fuse
+
+    def keep(gm, example_inputs):
+        inner.append(fuse(gm, example_inputs))
+        return inner[-1]
+    torch.compile(horizontal, backend=keep)(*xs)
+    if len(inner) == 1:
+        direct = inner[0]                       # AOT autograd's forward: the inputs as positional arguments
+        rows["fuse_no_dynamo"] = per_call_us(direct, xs, a.reps, sync)
+        if a.cprofile:
+            import cProfile
+            import pstats
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(a.reps):
+                direct(*xs)
+            sync()
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(a.cprofile)
     torch._dynamo.reset()
     rows["inductor"] = per_call_us(torch.compile(horizontal), xs, max(20, a.reps // 5), sync)
     rows["eager"] = per_call_us(horizontal, xs, max(20, a.reps // 5), sync)

@@ -31,6 +31,11 @@ from .cuda_launch import MAX_GRID, plan_launch
 from .steps import LayoutMismatch
 
 GRID_SPREAD = ("pointwise", "row_warp")   # shapes whose blocks share a grid-stride loop over the problem
+# Grid-stride steps per thread in a batch of GRID_SPREAD problems (a problem's grid divided by it): a batch
+# block first finds its problem (a binary search over the block starts, then its meta row and pointers: a
+# chain of dependent loads), which a one-chunk block pays for every 16 bytes per operand. Re-checked on the
+# H200 by bench/tune_batch.py.
+BATCH_CHUNKS = 1
 _modules: dict = {}                       # (entry name, table mode, device) -> (module, function)
 
 
@@ -147,7 +152,7 @@ def plan_batch(kernels: list, metas: list, tensors: list, nins: list, compile=No
     for q in live:
         grid, threads, _ = shapes[q]
         if kernels[q].spec.launch["shape"] in GRID_SPREAD:     # the same threads in fewer, larger blocks
-            grid = -(-grid * threads // plan.block)
+            grid = -(-grid * threads // (plan.block * BATCH_CHUNKS))
         plan.grids[q] = max(1, min(cap, grid))
     rows = []
     for q in live:
