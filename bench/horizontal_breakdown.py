@@ -7,6 +7,7 @@ Rows, us per call, wall clock synchronised after each timed loop (bench/timing.p
                  guards on the 100 inputs and its frame wrapper, what any backend pays;
   alloc_100      100 torch.empty_strided calls of the outputs' sizes from a Python loop (the program allocates
                  its outputs too, from a tighter loop: on the H200 fuse's whole call took less than this row);
+  alloc_100_fast the same through runtime/alloc.py's path (torch's C++ _empty_strided), as the program does;
   fuse           torch.compile(backend="fuse"): the whole call;
   fuse_no_dynamo the callable fuse's backend returned (AOT autograd's wrapper around our program), called
                  directly: the whole call without Dynamo's guards and frame;
@@ -65,6 +66,10 @@ def main():
     rows["dynamo_floor"] = per_call_us(torch.compile(horizontal, backend=floor_backend), xs, a.reps, sync)
     rows["alloc_100"] = per_call_us(lambda *xs: [torch.empty_strided(x.shape, x.stride(), dtype=x.dtype,
                                                                      device=x.device) for x in xs], xs, a.reps, sync)
+    from fusebackend.runtime.alloc import empty_strided_for
+    empty = empty_strided_for(xs[0].device)
+    rows["alloc_100_fast"] = per_call_us(lambda *xs: [empty(x.shape, x.stride(), x.dtype) for x in xs], xs,
+                                         a.reps, sync)
     torch._dynamo.reset()
     fused = torch.compile(horizontal, backend="fuse")
     got = fused(*xs)
