@@ -13,7 +13,8 @@
 #     2 fuzzers (after the placed-transfer and frac fixes), the zoo table, HF generate with a budget; L: the
 #     session's last call -- GPU tests beside 2 fuzzers, channels-last small_cnn, hf_bert, HF generate with a
 #     budget, the horizontal_100_small breakdown, the optimizer's cold compile, a gpt2 eager-attention profile;
-#     O: (s5) GPU tests beside a fuzzer, HF generate with --profile; P: (s6) launch-knob tuning, horizontal
+#     O: (s5) GPU tests beside a fuzzer, HF generate with --profile; P: (s6) launch-knob tuning, horizontal;
+#     Q: offload, HF generate, decode attention; R: GPU tests + fuzzer, optimizer, horizontal (the last call)
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -207,6 +208,23 @@ P)   # 2026-12-03 s6 call 1: launch knobs on the H200 (batch grid-stride steps o
   TAIL=40 step horizontal 90 python3 bench/horizontal_breakdown.py --device cuda --cprofile 18
   TAIL=40 step offload_full 120 python3 bench/offload.py --budgets 1 --strategies gpu_all,pinned,fuse \
     --time-limit 95 --cell-limit 8 --out "$OUT/offload_full"
+  ;;
+Q)   # s6 call 2: the offload table (3 budgets), Qwen2-MoE and Mixtral generate against accelerate, decode attention
+  TAIL=75 step offload 300 python3 bench/offload.py --time-limit 270 --cell-limit 10 --out "$OUT/offload"
+  FUSEBACKEND_MOE_TRACE=2 TAIL=40 step hf_generate 170 python3 bench/hf_generate.py --models qwen2_moe mixtral \
+    --shares 0.25 --new 16 --reps 2 --time-box 38 --strategies eager accelerate fuse_budget --out "$OUT/hf_generate"
+  have bench/decode_attention.py && TAIL=30 step decode_attention 90 python3 bench/decode_attention.py \
+    --out "$OUT/decode_attention"
+  ;;
+R)   # s6 last call: GPU tests beside a fuzzer on the final code, the optimizer steps and horizontal_100_small again
+  timeout 265 python3 bench/fuzz_gpu.py --seconds 240 --seed 121 --log "$OUT/fuzz_121.cases.txt" \
+    > "$OUT/fuzz_121.log" 2>&1 &
+  step gpu_tests 285 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  wait
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
+  tail -n 1 "$OUT/fuzz_121.log"
+  TAIL=20 step optimizer 150 python3 bench/optimizer.py --device cuda --n 200 --max-s 12 --steps-check 10
+  TAIL=12 step horizontal 60 python3 bench/horizontal_breakdown.py --device cuda
   ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \

@@ -11,6 +11,8 @@ Rows, us per call, wall clock synchronised after each timed loop (bench/timing.p
   fuse           torch.compile(backend="fuse"): the whole call;
   fuse_no_dynamo the callable fuse's backend returned (AOT autograd's wrapper around our program), called
                  directly: the whole call without Dynamo's guards and frame;
+  copy_floor     one copy of the same bytes (all inputs read, all outputs written) as one tensor: the
+                 memory-bandwidth floor of the call's work, no per-problem cost;
   inductor       torch.compile (default mode), for scale;
   eager          the 100 problems as ATen calls.
 """
@@ -68,7 +70,7 @@ def main():
                                                                      device=x.device) for x in xs], xs, a.reps, sync)
     from fusebackend.runtime.alloc import empty_strided_for
     empty = empty_strided_for(xs[0].device)
-    rows["alloc_100_fast"] = per_call_us(lambda *xs: [empty(x.shape, x.stride(), x.dtype) for x in xs], xs,
+    rows["alloc_100_fast"] = per_call_us(lambda *xs: [empty(tuple(x.shape), tuple(x.stride()), x.dtype) for x in xs], xs,
                                          a.reps, sync)
     torch._dynamo.reset()
     fused = torch.compile(horizontal, backend="fuse")
@@ -96,6 +98,9 @@ def main():
             sync()
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(a.cprofile)
+    big = torch.cat([x.reshape(-1) for x in xs])
+    dst = torch.empty_like(big)
+    rows["copy_floor"] = per_call_us(lambda *xs: dst.copy_(big), xs, a.reps, sync)
     torch._dynamo.reset()
     rows["inductor"] = per_call_us(torch.compile(horizontal), xs, max(20, a.reps // 5), sync)
     rows["eager"] = per_call_us(horizontal, xs, max(20, a.reps // 5), sync)
