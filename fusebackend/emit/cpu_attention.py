@@ -119,48 +119,58 @@ def emit_decode_attention(dtype, head_dim: int, group: int, lq: int, unit_stride
     return AttentionSource(name, source, dtype, head_dim, group, lq, unit_stride, tile)
 
 
-def _groups(nr, rb):
-    return [list(range(r0, min(nr, r0 + rb))) for r0 in range(0, nr, rb)]
+def _row_blocks(nr, rb, block):
+    """block(base, n) -> the lines for rows base .. base + n - 1 (base: a C expression). Full blocks of rb rows
+    run as a loop over r0 (unrolled, 128 rows of an MQA decode with 8 query positions took g++ 11.6 s), the
+    rest once."""
+    full, tail = divmod(nr, rb)
+    out = []
+    if full > 1:
+        out += ["for (int64_t r0 = 0; r0 < %d; r0 += %d) {" % (full * rb, rb)]
+        out += ["  " + l for l in block("r0", rb)] + ["}"]
+    elif full == 1:
+        out += block("0", rb)
+    if tail:
+        out += block(str(full * rb), tail)
+    return out
 
 
 def _scores(nr, rb):
     """For one K row kr (already offset): s[r][tt] = q_r . k for every row r, RB rows per pass."""
-    out = []
-    for rows in _groups(nr, rb):
-        acc = ", ".join("a%d = 0.0f" % i for i in range(len(rows)))
-        red = ", ".join("a%d" % i for i in range(len(rows)))
-        out += ["{", "  float %s;" % acc, "  #pragma omp simd reduction(+:%s)" % red,
-                "  for (int64_t d = 0; d < D; ++d) {", "    const float x = LD(kr[d * KD]);"]
-        out += ["    a%d = fb::fma_(qf[%d * D + d], x, a%d);" % (i, r, i) for i, r in enumerate(rows)]
-        out += ["  }"] + ["  s[%d * TT + tt] = a%d;" % (r, i) for i, r in enumerate(rows)] + ["}"]
-    return out
+    def block(base, n):
+        acc = ", ".join("a%d = 0.0f" % i for i in range(n))
+        red = ", ".join("a%d" % i for i in range(n))
+        out = ["{", "  float %s;" % acc, "  #pragma omp simd reduction(+:%s)" % red,
+               "  for (int64_t d = 0; d < D; ++d) {", "    const float x = LD(kr[d * KD]);"]
+        out += ["    a%d = fb::fma_(qf[(%s + %d) * D + d], x, a%d);" % (i, base, i, i) for i in range(n)]
+        return out + ["  }"] + ["  s[(%s + %d) * TT + tt] = a%d;" % (base, i, i) for i in range(n)] + ["}"]
+    return _row_blocks(nr, rb, block)
 
 
 def _pv(nr, rb, pu):
     """acc[r][:] += sum_tt p[r][tt] * v[tt][:]: U positions per pass over D (vectorised over d), RB rows per
     pass, so each d step loads U V vectors and RB accumulators for RB * U FMAs."""
-    out = []
-    for rows in _groups(nr, rb):
-        out += ["{"]
-        out += ["  float* __restrict c%d = acc + %d * D;" % (i, r) for i, r in enumerate(rows)]
+    def block(base, n):
+        out = ["{"]
+        out += ["  float* __restrict c%d = acc + (%s + %d) * D;" % (i, base, i) for i in range(n)]
         out += ["  int64_t tt = 0;", "  for (; tt + PU <= n; tt += PU) {"]
-        out += ["    const float %s;" % ", ".join("p%d_%d = s[%d * TT + tt + %d]" % (i, u, r, u)
-                                                   for u in range(pu)) for i, r in enumerate(rows)]
+        out += ["    const float %s;" % ", ".join("p%d_%d = s[(%s + %d) * TT + tt + %d]" % (i, u, base, i, u)
+                                                   for u in range(pu)) for i in range(n)]
         out += ["    const S* __restrict v%d = vb + (tt + %d) * vt;" % (u, u) for u in range(pu)]
         out += ["    #pragma omp simd", "    for (int64_t d = 0; d < D; ++d) {"]
         out += ["      const float x%d = LD(v%d[d * VD]);" % (u, u) for u in range(pu)]
-        for i in range(len(rows)):
+        for i in range(n):
             e = "c%d[d]" % i
             for u in range(pu):
                 e = "fb::fma_(p%d_%d, x%d, %s)" % (i, u, u, e)
             out.append("      c%d[d] = %s;" % (i, e))
         out += ["    }", "  }", "  for (; tt < n; ++tt) {"]
-        out += ["    const float %s;" % ", ".join("p%d = s[%d * TT + tt]" % (i, r) for i, r in enumerate(rows))]
+        out += ["    const float %s;" % ", ".join("p%d = s[(%s + %d) * TT + tt]" % (i, base, i) for i in range(n))]
         out += ["    const S* __restrict v0 = vb + tt * vt;", "    #pragma omp simd",
                 "    for (int64_t d = 0; d < D; ++d) {", "      const float x0 = LD(v0[d * VD]);"]
-        out += ["      c%d[d] = fb::fma_(p%d, x0, c%d[d]);" % (i, i, i) for i in range(len(rows))]
-        out += ["    }", "  }", "}"]
-    return out
+        out += ["      c%d[d] = fb::fma_(p%d, x0, c%d[d]);" % (i, i, i) for i in range(n)]
+        return out + ["    }", "  }", "}"]
+    return _row_blocks(nr, rb, block)
 
 
 def _indent(lines, n):
