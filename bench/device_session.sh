@@ -223,8 +223,10 @@ R)   # s6 last call: GPU tests beside a fuzzer on the final code, the optimizer 
   wait
   grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
   tail -n 1 "$OUT/fuzz_121.log"
-  TAIL=20 step optimizer 150 python3 bench/optimizer.py --device cuda --n 200 --max-s 12 --steps-check 10
-  TAIL=12 step horizontal 60 python3 bench/horizontal_breakdown.py --device cuda
+  TAIL=12 step optimizer 100 python3 bench/optimizer.py --device cuda --n 200 --opt adamw --max-s 10 \
+    --steps-check 10
+  TAIL=30 step offload_full 80 python3 bench/offload.py --budgets 1 --strategies gpu_all,pinned,fuse \
+    --time-limit 60 --cell-limit 6 --out "$OUT/offload_full"
   ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \

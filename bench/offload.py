@@ -47,7 +47,8 @@ def parse():
     a("--time-limit", type=float, default=290.0), a("--cell-limit", type=float, default=12.0)
     a("--strategies", default=",".join(STRATEGIES)), a("--prefetch", type=int, default=1)
     a("--learn", type=int, default=1, help="fuse learns measured costs (1) or trusts the profile (0)")
-    a("--trace", type=int, default=1, help="fuse records per-call traces (1; its predicted-vs-measured columns)")
+    a("--trace", type=int, default=1, help="fuse records per-call traces in the warm-up steps (1; its "
+                                          "predicted-vs-measured columns); the timed steps run untraced")
     a("--share-experts", action="store_true", help="8 distinct experts reused by every layer (host memory)")
     a("--profile", default=None, help="hardware profile: none = this machine (cached), reference-h200, a JSON")
     a("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 2)), a("--seed", type=int, default=0)
@@ -259,13 +260,19 @@ def run_cell(ctx, strat, steps, kv, left):
               for l, x, idx, w, y in cap for ref in [hf_loop(x, idx, w, ctx.dev_w[l]).float()])
     del cap
     n, times = max(1, min(a.steps, int((min(a.cell_limit, left) - first * (a.warmup + 1)) / first))), []
+    traced = [lay for lay in getattr(strat, "layers", []) if lay.tracing]
     for i, st in enumerate(steps[1:1 + a.warmup + n]):  # warm-up steps, then the timed ones
         if i == a.warmup and ctx.cuda:
             torch.cuda.reset_peak_memory_stats()
+        if i == a.warmup:                   # traces come from the warm-up steps: the timed ones run untraced
+            for lay in traced:
+                lay.tracing = False
         t0 = time.perf_counter()
         run_step(ctx, strat, st, kv)
         ctx.sync()
         times.append(time.perf_counter() - t0)
+    for lay in traced:
+        lay.tracing = True
     return statistics.median(times[a.warmup:]), n, err, torch.cuda.max_memory_allocated() if ctx.cuda else None
 
 
@@ -318,7 +325,7 @@ def run_strategy(ctx, name, frac, rows, data, kv, deadline, cells, notes):
         c = cells[frac, r, name] = dict(budget=frac, row=r, tokens=T, strategy=name, steps=n, err=err, note=st.note,
                                         ms_layer=sec * 1e3 / ctx.args.layers, tok_s=T / sec,
                                         peak_gb=peak and (peak - base + own) / 1e9)
-        c.update(fuse_stats(st, n) if name == "fuse" else {})
+        c.update(fuse_stats(st, max(1, ctx.args.warmup)) if name == "fuse" else {})
         print(json.dumps(c, default=str), flush=True)
     st.close()
 

@@ -129,8 +129,12 @@ def test_plan_pointwise_grid(monkeypatch):
     spec = cuda_sources(*_case_args("pointwise_chain"))[0]
     dev = CC.DeviceInfo(sm_count=132)
     meta = [1 << 26, 1] + [1, 0] * 3
+    monkeypatch.setattr("fusebackend.runtime.cuda_launch.PW_WAVES", 0)      # uncapped: one chunk per thread
     grid, block, smem = CC.plan_launch(spec, meta, dev, lambda t, s: 4)
     assert block == 256 and grid == (1 << 26) // spec.launch["vec"] // 256 and smem == 0
+    monkeypatch.setattr("fusebackend.runtime.cuda_launch.PW_WAVES", 8)      # the default: 8 waves of 4 blocks/SM
+    grid, block, smem = CC.plan_launch(spec, meta, dev, lambda t, s: 4)
+    assert block == 256 and grid == 132 * 4 * 8 and smem == 0
     monkeypatch.setattr("fusebackend.runtime.cuda_launch.PW_WAVES", 1)
     grid, block, smem = CC.plan_launch(spec, meta, dev, lambda t, s: 4)
     assert block == 256 and grid == 132 * 4 and smem == 0

@@ -33,9 +33,10 @@ from .steps import LayoutMismatch
 GRID_SPREAD = ("pointwise", "row_warp")   # shapes whose blocks share a grid-stride loop over the problem
 # Grid-stride steps per thread in a batch of GRID_SPREAD problems (a problem's grid divided by it): a batch
 # block first finds its problem (a binary search over the block starts, then its meta row and pointers: a
-# chain of dependent loads), which a one-chunk block pays for every 16 bytes per operand. Re-checked on the
-# H200 by bench/tune_batch.py.
-BATCH_CHUNKS = 1
+# chain of dependent loads), which a one-chunk block pays for every 16 bytes per operand. Measured on the H200
+# (2026-12-03, bench/tune_batch.py, AdamW over the 200 anchor tensors, GPU ms per step): 1: 0.133, 2: 0.110,
+# 4: 0.105, 8: 0.108 (floor 0.092).
+BATCH_CHUNKS = 4
 _modules: dict = {}                       # (entry name, table mode, device) -> (module, function)
 
 

@@ -10,10 +10,11 @@ import torch
 from .steps import LayoutMismatch
 
 STATIC_SMEM = 512               # bytes of static shared memory a block-per-row kernel may use (fb_scratch)
-# Pointwise grid cap in full waves of resident blocks; 0: one chunk per thread, no cap. Measured on one H100
-# (2026-11; re-check on the H200) (pointwise_chain_f32_64M, floor 0.268 ms): 1 wave 0.327 ms, 4 waves
-# 0.294 ms, uncapped 0.276 ms.
-PW_WAVES = 0
+# Pointwise grid cap in full waves of resident blocks; 0: one chunk per thread, no cap. On one H100 (2026-11,
+# pointwise_chain_f32_64M, floor 0.268 ms): 1 wave 0.327 ms, 4 waves 0.294, uncapped 0.276. On the H200
+# (2026-12-03, bench/tune_batch.py, floor 0.190 ms, Inductor 0.196-0.203): uncapped 0.230, 4 waves 0.215,
+# 8 waves 0.212; 32-byte chunks 0.235 uncapped, 0.216 at 8 waves.
+PW_WAVES = 8
 # Block-per-row grid cap in waves of resident blocks; 0: one block per row. Measured on one H100 (2026-11;
 # re-check on the H200) (16384 rows of 4096, ms, 1 wave / uncapped): softmax f32 0.278 / 0.276, layer norm +
 # gelu bf16 0.180 / 0.172, RMS norm bf16 0.0975 / 0.0965 (bench/tune_rows.py): the block scheduler balances
