@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ..graph import registry
 from ..graph.fusion_graph import Ref
+from .batch import BatchKernelStep
 from .steps import AtenStep, KernelStep
 from .views import ViewStep
 
@@ -104,8 +105,10 @@ class Plan:
         return name not in self.keep and all(self._reads_only(self.p.steps[i]) for i in self.readers.get(name, []))
 
     def _reads_only(self, s) -> bool:
-        """A reader that cannot tell two names of one tensor object apart (it writes no argument)."""
-        return self.inline_kernel(s) or (isinstance(s, AtenStep) and not registry.is_ordered(s.target))
+        """A reader that cannot tell two names of one tensor object apart (it writes no argument): our kernels,
+        a batch of them included, read and write through addresses, never through autograd's view metadata."""
+        return (self.inline_kernel(s) or type(s) is BatchKernelStep
+                or (isinstance(s, AtenStep) and not registry.is_ordered(s.target)))
 
     def rebuild(self) -> list:
         """(name, make(env) -> value or None), in order: the values a resumed call needs that the generated
