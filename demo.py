@@ -11,7 +11,7 @@ at least 3 if the machine slows down, of the mean time per call: bench/timing.py
 fuse's groups.
 
 The CPU default is llama_layer at small size. On the 2-core CPU box every zoo model at small size is bound by
-per-call overhead; on 2026-12-03 fuse ran llama_layer at 1.07-1.10x Inductor's speed and 1.8-2.0x eager's
+per-call overhead; on 2026-12-03 fuse ran llama_layer at 1.07-1.10x Inductor's speed and 1.8-2.1x eager's
 (5 kernels and 8 ATen calls against Inductor's 15 kernels). llama_layer is the model the README and
 `fusebackend dump` use; it was not picked for a win (earlier the same table showed fuse losing).
 """
