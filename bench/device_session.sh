@@ -30,6 +30,14 @@ step() {   # step NAME SECONDS CMD...: runs CMD with a time limit, keeps its log
   tail -n "${TAIL:-15}" "$OUT/$name.log"
 }
 have() { [[ -f $1 ]]; }
+tests_beside_fuzzer() {   # tests_beside_fuzzer SEED: pytest -m gpu in 285 s while a GPU fuzzer runs 240 s beside it
+  timeout 265 python3 bench/fuzz_gpu.py --seconds 240 --seed "$1" --log "$OUT/fuzz_$1.cases.txt" \
+    > "$OUT/fuzz_$1.log" 2>&1 &
+  step gpu_tests 285 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  wait
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
+  tail -n 1 "$OUT/fuzz_$1.log"
+}
 case ${1:-A} in
 A)
   step gpu_tests 360 python3 -m pytest -q -m gpu -p no:cacheprovider tests
@@ -191,12 +199,7 @@ N)   # 2026-12-02 s4 call 2: one hybrid layer per MoE layer across the model's g
   ;;
 O)   # 2026-12-03 s5 call 1: GPU tests beside a fuzzer after the staging-vs-resident fix; HF generate against
      # accelerate with the per-call trace and a profiled warm generate (where decode's host time goes)
-  timeout 265 python3 bench/fuzz_gpu.py --seconds 240 --seed 111 --log "$OUT/fuzz_111.cases.txt" \
-    > "$OUT/fuzz_111.log" 2>&1 &
-  step gpu_tests 285 python3 -m pytest -q -m gpu -p no:cacheprovider tests
-  wait
-  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
-  tail -n 1 "$OUT/fuzz_111.log"
+  tests_beside_fuzzer 111
   FUSEBACKEND_MOE_TRACE=4 TAIL=120 step hf_generate 170 python3 bench/hf_generate.py --models mixtral \
     --shares 0.25 --new 16 --reps 2 --time-box 50 --strategies eager accelerate fuse_budget --profile 6 \
     --out "$OUT/hf_generate"
@@ -216,15 +219,11 @@ Q)   # s6 call 2: the offload table (3 budgets), Qwen2-MoE and Mixtral generate 
   have bench/decode_attention.py && TAIL=30 step decode_attention 90 python3 bench/decode_attention.py \
     --out "$OUT/decode_attention"
   ;;
-R)   # s6 last call: GPU tests beside a fuzzer on the final code, the optimizer steps and horizontal_100_small again
-  timeout 265 python3 bench/fuzz_gpu.py --seconds 240 --seed 121 --log "$OUT/fuzz_121.cases.txt" \
-    > "$OUT/fuzz_121.log" 2>&1 &
-  step gpu_tests 285 python3 -m pytest -q -m gpu -p no:cacheprovider tests
-  wait
-  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
-  tail -n 1 "$OUT/fuzz_121.log"
-  TAIL=12 step optimizer 100 python3 bench/optimizer.py --device cuda --n 200 --opt adamw --max-s 10 \
-    --steps-check 10
+R)   # s6 last call: GPU tests beside a fuzzer on the final code (285 s was 3 tests short beside the fuzzer), the
+     # AdamW step fuse-only (with Inductor's 50 s compile it ran out of its box), the full-budget offload untraced
+  tests_beside_fuzzer 121
+  TAIL=12 step optimizer 100 python3 bench/optimizer.py --device cuda --n 200 --opt adamw --backends fuse \
+    --max-s 10 --steps-check 10
   TAIL=30 step offload_full 80 python3 bench/offload.py --budgets 1 --strategies gpu_all,pinned,fuse \
     --time-limit 60 --cell-limit 6 --out "$OUT/offload_full"
   ;;
