@@ -2,7 +2,7 @@
 
     python3 bench/tune_rows.py [--only SUBSTR]
 
-Each variant sets emit/cuda_target and runtime/cuda_launch knobs, recompiles the workloads with
+Each variant sets emit/cuda_target, runtime/cuda_launch and runtime/cuda_compiler knobs, recompiles the workloads with
 backend="fuse" (new knobs give new kernel text, hence new binaries), checks the result against eager
 (relative norm error) and times it; Inductor runs once in the same process for reference. Calls are
 timed right after its compile (Dynamo's reset makes an earlier compiled function recompile with the knobs of
@@ -19,13 +19,16 @@ import torch  # noqa: E402
 from timing import copy_bandwidth, rel_err, syncer, wall_ms  # noqa: E402
 from workloads import gpu_workloads  # noqa: E402
 
-DEFAULTS = {"T.REG_ROW_BYTES": 32, "T.ROW_CACHE": "auto", "L.ROW_WAVES": 0}
+DEFAULTS = {"T.REG_ROW_BYTES": 32, "T.ROW_CACHE": "auto", "L.ROW_WAVES": 0,
+            "C.BASE_OPTIONS": ("-std=c++17", "--fmad=false")}
 VARIANTS = {  # name: knob settings on top of DEFAULTS (T: emit/cuda_target, L: runtime/cuda_launch)
     "default": {},
     "smem": {"T.ROW_CACHE": "smem"},
     "bytes64": {"T.REG_ROW_BYTES": 64},
     "bytes16": {"T.REG_ROW_BYTES": 16},
     "persistent": {"L.ROW_WAVES": 1},
+    # what --fmad=false (db4f1df: an FMA-contraction NaN in a softmax) costs; a timing, not a candidate default
+    "fmad": {"C.BASE_OPTIONS": ("-std=c++17", "--fmad=true")},
 }
 ROWS = ("masked_softmax", "add_layernorm_gelu", "rmsnorm")
 
@@ -41,8 +44,9 @@ def main():
     ap.add_argument("--only", default=None)
     opts = ap.parse_args()
     import fusebackend.emit.cuda_target as T
+    import fusebackend.runtime.cuda_compiler as C
     import fusebackend.runtime.cuda_launch as L
-    mods = {"T": T, "L": L}
+    mods = {"T": T, "L": L, "C": C}
     sync = syncer("cuda")
     bw = copy_bandwidth("cuda", 1 << 30)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -67,13 +71,13 @@ def main():
             cf = torch.compile(fn, backend="fuse")
             with torch.no_grad():
                 err = rel_err(cf(*args), ref)
-            timed(vname, cf, err)
+            timed(vname + " (nvrtc %d)" % C.stats["nvrtc"], cf, err)    # the count shows a variant rebuilt
         _set(mods, DEFAULTS)
         torch._dynamo.reset()
         timed("inductor", torch.compile(fn), 0.0)
-    print("%-32s %-12s %9s %9s %8s %10s" % ("workload", "variant", "ms", "floor", "%floor", "rel err"))
+    print("%-32s %-20s %9s %9s %8s %10s" % ("workload", "variant", "ms", "floor", "%floor", "rel err"))
     for name, k, m, fl, e in table:
-        print("%-32s %-12s %9.4f %9.4f %7.1f%% %10.2e" % (name, k, m, fl, 100 * fl / m, e))
+        print("%-32s %-20s %9.4f %9.4f %7.1f%% %10.2e" % (name, k, m, fl, 100 * fl / m, e))
 
 
 if __name__ == "__main__":
