@@ -14,7 +14,8 @@
 #     session's last call -- GPU tests beside 2 fuzzers, channels-last small_cnn, hf_bert, HF generate with a
 #     budget, the horizontal_100_small breakdown, the optimizer's cold compile, a gpt2 eager-attention profile;
 #     O: (s5) GPU tests beside a fuzzer, HF generate with --profile; P: (s6) launch-knob tuning, horizontal;
-#     Q: offload, HF generate, decode attention; R: GPU tests + fuzzer, optimizer, horizontal (the last call)
+#     Q: offload, HF generate, decode attention; R: GPU tests + fuzzer, optimizer, full-budget offload;
+#     S: GPU tests alone, the fmad cost, AdamW fuse-only (next session's first call)
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -226,6 +227,14 @@ R)   # s6 last call: GPU tests beside a fuzzer on the final code (285 s was 3 te
     --max-s 10 --steps-check 10
   TAIL=30 step offload_full 80 python3 bench/offload.py --budgets 1 --strategies gpu_all,pinned,fuse \
     --time-limit 60 --cell-limit 6 --out "$OUT/offload_full"
+  ;;
+S)   # for the next session's first call: GPU tests alone on HEAD (231 s in s5), what --fmad=false costs the row
+     # kernels, the AdamW step fuse-only with its 10-step state check
+  step gpu_tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
+  TAIL=30 step tune_rows 120 python3 bench/tune_rows.py
+  TAIL=12 step optimizer 90 python3 bench/optimizer.py --device cuda --n 200 --opt adamw --backends fuse \
+    --max-s 10 --steps-check 10
   ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \
