@@ -143,7 +143,7 @@ class _Writer:
                 self.emit("del %s" % ", ".join(self.local(n) for n in dead))
         if self.fast_alloc:
             self.lines.insert(top, "        _own_empty = torch.empty_strided is %s"
-                              % self.const(_TORCH_EMPTY_STRIDED, "torch_empty"))
+                              % self.const(TORCH_EMPTY_STRIDED, "torch_empty"))
         self.emit("return [%s]" % ", ".join(self.expr(o) for o in self.fg.outputs))
         self.emit("except _Switch as _e:     # a step switches to ATen: the call ends interpreted", 1)
         self.emit("if _i < 0:", 2)
@@ -289,7 +289,7 @@ class _Writer:
         its C++ fast path for the device type allocates (as in Inductor's wrapper: no dispatcher, no argument
         parsing); a replaced one (a test injecting OOM, a memory tracker) is called instead."""
         dev = self.const(s.device, "dev")
-        fast = _FAST_EMPTY.get(s.device.type) if s.device.index is None else None
+        fast = FAST_EMPTY.get(s.device.type) if s.device.index is None else None
         for out, name, (shape, stride, dtype) in zip(outs, s.out_names, s.out_alloc):
             view = self.plan.alloc_as.get(name)
             if view is not None:
@@ -305,7 +305,6 @@ class _Writer:
             self.kernel_made.add(name)
 
 
-_FAST_EMPTY, _TORCH_EMPTY_STRIDED = FAST_EMPTY, TORCH_EMPTY_STRIDED
 _REINTERPRET = getattr(getattr(getattr(torch._C, "_dynamo", None), "guards", None), "_reinterpret_tensor", None)
 
 
