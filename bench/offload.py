@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from fusebackend.runtime.cpu_worker import PINS, CudaApi, StagingPool, expert_ffn  # noqa: E402
 from fusebackend.runtime.cost_correction import CostCorrection  # noqa: E402
 from fusebackend.runtime.hybrid_moe import HybridMoELayer  # noqa: E402
-from offload_report import fuse_stats, plot, table  # noqa: E402
+from offload_report import fuse_stats, plot, table, timeline_table  # noqa: E402
 from timing import base_info, wall_ms  # noqa: E402
 
 FULL = dict(H=4096, F=14336, E=8, K=2, nh=32, kvh=8, hd=128)
@@ -45,7 +45,9 @@ def parse():
     a("--budgets", default="0.25,0.5,1"), a("--batches"), a("--prefill", type=int), a("--context", type=int)
     a("--steps", type=int, default=6, help="timed steps per cell"), a("--warmup", type=int, default=2)
     a("--time-limit", type=float, default=290.0), a("--cell-limit", type=float, default=12.0)
-    a("--strategies", default=",".join(STRATEGIES)), a("--prefetch", type=int, default=1)
+    a("--strategies", default=",".join(STRATEGIES)), a("--prefetch", type=int, default=2)
+    a("--prefetch-gate", type=int, default=1, help="fuse prefetches only what prefetch_gain says pays (1), or "
+                                                   "the --prefetch most likely experts unconditionally (0)")
     a("--learn", type=int, default=1, help="fuse learns measured costs (1) or trusts the profile (0)")
     a("--trace", type=int, default=1, help="fuse records per-call traces in the warm-up steps (1; its "
                                           "predicted-vs-measured columns); the timed steps run untraced")
@@ -139,7 +141,7 @@ def run_step(ctx, strat, step, kv, capture=None):
 
 def fixed(where):
     """A fixed policy for fuse's executor: every non-resident routed expert streamed, or on the CPU."""
-    def schedule(profile, experts, hidden, ffn, dtype, allow_split=True):
+    def schedule(profile, experts, hidden, ffn, dtype, allow_split=True, link_busy_s=0.0):
         d = SimpleNamespace(cpu=[], streamed=[], resident=[], split=None)
         for e, _, res in experts:
             (d.resident if res else getattr(d, where)).append(e)
@@ -181,7 +183,9 @@ class Strategy:
             return hf_loop(x, idx, w, self.gpu[l] if self.name == "gpu_all" else list(self.model.layers[l]))
         if self.name != "cpu_nonres":
             nxt = self.layers[l + 1] if self.name == "fuse" and l + 1 < len(self.layers) else None
-            pre = nxt and ctx.args.prefetch and (lambda: nxt.prefetch(nxt.likely(ctx.args.prefetch)))
+            cur, gate = self.layers[l], ctx.args.prefetch_gate      # gate: only copies that pay (prefetch_gain)
+            pre = nxt and ctx.args.prefetch and (lambda: nxt.prefetch(nxt.likely(ctx.args.prefetch),
+                                                                      until=cur.expected_end if gate else None))
             return self.layers[l](x, idx, w, after_issue=pre)    # prefetch: copies while l+1's attention runs
         E = range(ctx.s["E"])                            # the resident experts, then the others on the CPU
         y = hf_loop(x, idx, w, [self.gpu[l].get(e) for e in E])
@@ -357,6 +361,8 @@ def main():
         "gpu idle est = 1 - gpu_all / fuse; fuse pred / meas MoE: the cost model's layer time vs the call's events,"
         " ms per layer-call", "notes: " + "; ".join(sorted({"%s: %s" % (c["strategy"], c["note"])
                                                             for c in cells.values() if c["note"]}))]
+    text += ["fuse's call timeline (means, ms after the call's start; host clock except link_*):",
+             timeline_table(cells, args.budgets, rows)]
     text += notes + [plot(args, cells, bounds, rows, os.path.join(args.out, "offload.png")),
                      "total %.0f s" % (time.perf_counter() - t_start)]
     print("\n".join(text))

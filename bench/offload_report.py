@@ -10,11 +10,28 @@ def fuse_stats(st, n):
                     prefetch_hits=None, split_share=None, modes={}, correction=None)
     m = lambda k, f=lambda v: 1e3 * v: statistics.mean(f(t[k]) for t in tr)          # noqa: E731
     modes = [t.get("mode") for t in tr]
-    return dict(pred_ms=m("predicted_s", lambda v: 1e3 * (v or 0.0)), moe_ms=m("total_s"), cpu_ms=m("cpu_s"),
+
+    def at(k):                        # ms after the call's start, over the calls that have it
+        v = [1e3 * t[k] for t in tr if t.get(k) is not None]
+        return statistics.mean(v) if v else None
+    timeline = {k + "_ms": at(k + "_s") for k in TIMELINE}
+    return dict(**timeline, pred_ms=m("predicted_s", lambda v: 1e3 * (v or 0.0)), moe_ms=m("total_s"), cpu_ms=m("cpu_s"),
                 link_ms=m("link_s"), n_cpu=m("cpu", len), n_streamed=m("streamed", len),
                 prefetch_hits=m("prefetched", len), split_share=m("split", lambda v: v is not None),
                 modes={k: modes.count(k) for k in sorted(set(modes), key=str)},
                 correction=tr[-1].get("correction") if tr else None)
+
+
+# per call, ms after its start: host clock (sched_at, cpu_submit_at, cpu_back_at, host) and the GPU's (link_*);
+# link_busy: the copy stream's backlog the scheduler was told of
+TIMELINE = ("link_busy", "sched_at", "cpu_submit_at", "link_start_at", "link_end_at", "cpu_back_at", "host")
+
+
+def timeline_table(cells, budgets, rows):
+    """fuse's mean call timeline per (budget, row): where the time between the two sides' work goes."""
+    body = [["%g/%s" % (f, r)] + [c.get(k + "_ms") for k in TIMELINE] + [c.get("cpu_ms"), c.get("moe_ms")]
+            for f in budgets for r, _ in rows for c in [cells.get((f, r, "fuse"))] if c]
+    return table(["budget/row"] + [k + " ms" for k in TIMELINE] + ["cpu ms", "call ms"], body)
 
 
 def table(header, body):

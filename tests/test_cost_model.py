@@ -115,8 +115,9 @@ def test_contention_slows_the_cpu_side_like_the_probes():
     assert overlap_time(0, 0, mb, 6.41e-3, REF) == (0, 6.41e-3)
 
 
-def brute_force(profile, experts, hidden, ffn):
-    """The layer time of every whole-expert assignment, by the scheduler's documented model, from scratch."""
+def brute_force(profile, experts, hidden, ffn, busy=0.0):
+    """The layer time of every whole-expert assignment, by the scheduler's documented model, from scratch;
+    busy: seconds of copies already queued on the link before this step's."""
     res = [t for _, t, r in experts if r and t > 0]
     far = [t for _, t, r in experts if not r and t > 0]
     gpu_res = sum(expert_cost(profile, t, hidden, ffn, BF16).gpu_resident_s for t in res)
@@ -125,9 +126,10 @@ def brute_force(profile, experts, hidden, ffn):
         on_cpu = [expert_cost(profile, t, hidden, ffn, BF16) for t, m in zip(far, mask) if not m]
         on_link = [expert_cost(profile, t, hidden, ffn, BF16) for t, m in zip(far, mask) if m]
         c, l = overlap_time(sum(x.weight_bytes for x in on_cpu), sum(x.cpu_s for x in on_cpu),
-                            sum(x.weight_bytes for x in on_link), sum(x.transfer_s for x in on_link), profile)
+                            busy * profile.h2d_bw + sum(x.weight_bytes for x in on_link),
+                            busy + sum(x.transfer_s for x in on_link), profile)
         g = [x.gpu_resident_s for x in on_link]
-        gpu_end = max(gpu_res + sum(g), l + min(g)) if g else gpu_res
+        gpu_end = max(gpu_res + sum(g), l + min(g)) if g else max(gpu_res, l) if busy else gpu_res
         out[mask] = max(c, gpu_end)
     return out
 
@@ -159,6 +161,31 @@ def test_schedule_is_never_worse_than_any_whole_expert_assignment():
             assert sorted(s.resident) == sorted(e for e, t, r in experts if t > 0 and r)
             if not allow:
                 assert s.split is None and math.isclose(s.predicted_s, min(every.values()), rel_tol=1e-9)
+
+
+def test_a_busy_link_is_waited_for_and_the_schedule_stays_the_best():
+    # a prefetch still in flight: this step's transfers queue behind it on the FIFO copy stream
+    rng = random.Random(5)
+    for _ in range(60):
+        p = random_profile(rng)
+        experts = [(e, rng.choice([1, 1, 2, 5, 16, 64]), rng.random() < 0.25) for e in rng.sample(range(8), 6)]
+        free = schedule_experts(p, experts, H, FF, BF16, allow_split=False)
+        for busy in (0.002, 0.0064, 0.02):
+            every = brute_force(p, experts, H, FF, busy)
+            s = schedule_experts(p, experts, H, FF, BF16, allow_split=False, link_busy_s=busy)
+            assert math.isclose(s.predicted_s, min(every.values()), rel_tol=1e-9), (experts, busy, s)
+            assert s.predicted_s >= free.predicted_s * (1 - 1e-9)
+            if s.streamed:                        # the layer ends after the backlog and this step's transfers
+                assert s.predicted_s >= busy + s.link_s - 1e-12
+            split = schedule_experts(p, experts, H, FF, BF16, link_busy_s=busy)
+            assert split.predicted_s <= s.predicted_s * (1 + 1e-9)
+    # the 6.4 ms of a whole prefetched expert still on the link moves work to the CPU (as on the H200, decode16)
+    ex = [(0, 9, True), (1, 7, True), (2, 5, False), (3, 4, False), (4, 3, False), (5, 2, False), (6, 2, False)]
+    a = schedule_experts(REF, ex, H, FF, BF16, allow_split=False)
+    b = schedule_experts(REF, ex, H, FF, BF16, allow_split=False, link_busy_s=0.0064)
+    assert len(b.streamed) < len(a.streamed) and len(b.cpu) > len(a.cpu)
+    with pytest.raises(ValueError, match="link_busy_s"):
+        schedule_experts(REF, ex, H, FF, BF16, link_busy_s=-1.0)
 
 
 def test_many_experts_are_scheduled_close_to_the_best():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from fusebackend.runtime import cpu_worker as cw
 from fusebackend.runtime import hybrid_moe as hm
+from fusebackend.runtime import hybrid_plan as hp
 from fusebackend.runtime.cost_correction import CostCorrection
 
 
@@ -59,9 +60,11 @@ class Forced:
 
     def __init__(self, default="cpu", cpu=(), streamed=(), split=None):
         self.default, self.cpu, self.streamed, self.split, self.seen = default, set(cpu), set(streamed), split, []
+        self.busy = []
 
-    def __call__(self, profile, experts, hidden, ffn, dtype, allow_split=True):
+    def __call__(self, profile, experts, hidden, ffn, dtype, allow_split=True, link_busy_s=0.0):
         self.seen.append(list(experts))
+        self.busy.append(link_busy_s)
         d = SimpleNamespace(cpu=[], streamed=[], resident=[], split=None, predicted_s=1e-3, cpu_s=5e-4,
                             link_s=6e-4, gpu_s=1e-4)
         for e, _, res in experts:
@@ -182,6 +185,35 @@ def test_sim_prefetch_is_seen_as_resident_and_not_copied_again():
     assert layer.pool.book.misses - misses == len(streamed_now)     # only the others were copied
 
 
+class InFlightApi(SimApi):
+    """Copies never complete: the copy stream's backlog stays as queued."""
+
+    def event(self, timing=False):
+        class Ev(_Ev):
+            def query(self): return False
+        return Ev()
+
+
+def test_sim_a_prefetch_in_flight_is_the_next_calls_link_backlog():
+    from fusebackend.passes.cost_model import expert_terms
+    from fusebackend.passes.hardware_profile import reference_h200
+    experts = make_experts(6, 16, 32, torch.float32)
+    prof = reference_h200().replace(h2d_bw=1e6)                    # a slow link: a fill takes ~6 ms here
+    one = expert_terms(prof, 16, 32, torch.float32).transfer()
+    x = torch.randn(12, 16)
+    idx, w = make_routing(12, 6, 2, force=[3, 4])
+    for api, fill in ((SimApi(), 0.0), (InFlightApi(), one)):     # done copies leave no backlog
+        sched = Forced("streamed")
+        layer = hm.HybridMoELayer(experts, api=api, scheduler=sched, resident=[0], profile=prof, learn=False)
+        assert layer.pool.backlog_s() == pytest.approx(fill, abs=2e-3)       # expert 0's load rides the link
+        assert layer.prefetch([3]) == [3]
+        assert_like_eager(layer(x, idx, w), x, idx, w, experts)
+        assert sched.busy[-1] == pytest.approx(2 * fill, abs=3e-3)
+        n_streamed = len([e for e, _, res in sched.seen[-1] if not res])
+        # the call's own fills queued behind the load and the prefetch
+        assert layer.pool.backlog_s() == pytest.approx((2 + n_streamed) * fill, abs=5e-3)
+
+
 def test_sim_with_the_cost_model_deciding_as_for_mixtral_experts():
     """The real scheduler, asked as if the experts were Mixtral's (its splits and streams then happen), drives
     the layer on small tensors; the default scheduler is the cost model's, which needs a profile."""
@@ -189,8 +221,8 @@ def test_sim_with_the_cost_model_deciding_as_for_mixtral_experts():
     profile = pytest.importorskip("fusebackend.passes.hardware_profile").reference_h200()
     seen = []
 
-    def mixtral(p, experts, hidden, ffn, dtype, allow_split=True):
-        seen.append(sched_mod.schedule_experts(p, experts, 4096, 14336, dtype, allow_split))
+    def mixtral(p, experts, hidden, ffn, dtype, allow_split=True, link_busy_s=0.0):
+        seen.append(sched_mod.schedule_experts(p, experts, 4096, 14336, dtype, allow_split, link_busy_s=link_busy_s))
         return seen[-1]
     experts = make_experts(8, 32, 128, torch.bfloat16)
     layer = sim_layer(experts, scheduler=mixtral, profile=profile, resident=[0, 1], trace=True)
@@ -296,8 +328,8 @@ def test_sim_layer_learns_a_slow_cpu_and_stops_choosing_it():
     from fusebackend.passes.hardware_profile import reference_h200
     seen = []
 
-    def mixtral(p, experts, hidden, ffn, dtype, allow_split=True):
-        seen.append((p, schedule_experts(p, experts, 4096, 14336, dtype, allow_split)))
+    def mixtral(p, experts, hidden, ffn, dtype, allow_split=True, link_busy_s=0.0):
+        seen.append((p, schedule_experts(p, experts, 4096, 14336, dtype, allow_split, link_busy_s=link_busy_s)))
         return seen[-1][1]
     experts = make_experts(8, 32, 128, torch.bfloat16)
     corr = CostCorrection()
@@ -361,6 +393,23 @@ def test_likely_offers_only_experts_worth_prefetching():
     assert layer.likely(1, tokens=1) == []                           # expert 2 is routed ~1 call in 4
     assert layer.likely(1, tokens=4) == [2] and layer.likely(2, tokens=64) == [2, 3]
     assert layer.likely(1, tokens=1, min_prob=0.0) == [2]            # the old behaviour on request
+
+
+def test_prefetch_with_a_deadline_copies_only_what_pays():
+    import time
+    from fusebackend.passes.hardware_profile import reference_h200
+    experts = make_experts(8, 16, 32, torch.float32)
+    prof = reference_h200().replace(h2d_bw=1e6)                       # one fill ~6 ms
+    zipf = [1.0 / (j + 1) for j in range(8)]
+    for until, want in ((None, [2, 3]), (0.0, []), (1.0, [2, 3])):   # no deadline / none left / a whole second
+        layer = hm.HybridMoELayer(experts, api=SimApi(), scheduler=Forced("cpu"), resident=[0, 1], profile=prof,
+                                  learn=False)
+        layer.score, layer._last_k, layer._last_tokens = [z / sum(zipf) for z in zipf], 2, 4
+        deadline = None if until is None else time.perf_counter() + until
+        assert layer.prefetch(layer.likely(2, min_prob=0.0), until=deadline) == want
+    # an idle window of half a fill: worth it for a likely expert only (gain = p/2 - (1-p)/2)
+    assert hp.prefetch_gain(0.9, 3e-3, 6e-3) > 0 > hp.prefetch_gain(0.4, 3e-3, 6e-3)
+    assert hp.prefetch_gain(0.1, 7e-3, 6e-3) == pytest.approx(0.1 * 6e-3)  # all of it free: any chance pays
 
 
 @pytest.mark.gpu

@@ -7,6 +7,9 @@ model (`_layer_time`):
   link side  sum of the streamed transfers, in order of decreasing tokens
   GPU side   resident experts first (while the first transfer is in flight), each streamed expert as soon as its
              weights land: max(all GPU compute, link end + the last, smallest, streamed expert's compute)
+  backlog    copies already queued on the link (a prefetch for this layer, a swap-in) run first: the copy stream
+             is FIFO, so this step's transfers start only after them (`link_busy_s`); prefetched experts count
+             as resident, but the GPU waits for them too
   CPU and link share host DRAM (cost_model.overlap_time); the layer takes max(CPU side, GPU side).
 """
 from __future__ import annotations
@@ -30,7 +33,7 @@ class ExpertSchedule:
     split: Optional[tuple]  # (expert_id, cpu_row_fraction) or None; that expert is in neither list above
     predicted_s: float   # the layer-step: max(cpu_s, GPU side)
     cpu_s: float         # CPU side, contention included
-    link_s: float        # link busy time, contention included
+    link_s: float        # this step's own transfers, contention included (the backlog before them excluded)
     gpu_s: float         # GPU compute (resident + streamed experts), excluding waits for the link
 
 
@@ -43,8 +46,9 @@ def _layer_time(profile, cpu_s, cpu_bytes, link_s, link_bytes, gpu_s, tail_s):
 class _Costs:
     """Per-expert costs for one step (every non-resident expert has the same shape: same bytes, same transfer)."""
 
-    def __init__(self, profile, far, terms):
+    def __init__(self, profile, far, terms, busy_s=0.0):
         self.profile, self.terms = profile, terms
+        self.busy, self.busy_b = busy_s, busy_s / terms.link_per_byte      # the backlog and the bytes it moves
         self.ids = [e for e, _ in far]
         self.tokens = [t for _, t in far]
         self.c = [terms.cpu(t) for t in self.tokens]
@@ -65,7 +69,7 @@ class _Costs:
 
     def time_of(self, k, cpu, gpu, tail, extra=None):
         """Layer time from the aggregates: k streamed, CPU sum, GPU compute sum, least streamed compute."""
-        link, cpu_b, link_b = k * self.l, (len(self.c) - k) * self.b, k * self.b
+        link, cpu_b, link_b = self.busy + k * self.l, (len(self.c) - k) * self.b, self.busy_b + k * self.b
         if extra is not None:
             cpu, cpu_b, link, link_b = cpu + extra[0], cpu_b + extra[1], link + extra[2], link_b + extra[3]
             gpu, tail = gpu + extra[4], min(tail, extra[4])
@@ -96,7 +100,7 @@ def _best_whole(costs: _Costs, gpu_res: float):
             best_t, best_set = t_pre, k
         if k in (0, n):
             continue
-        cpu_b, link_b, link = (n - k) * costs.b, k * costs.b, k * costs.l
+        cpu_b, link_b, link = (n - k) * costs.b, costs.busy_b + k * costs.b, costs.busy + k * costs.l
         cpu_monotone, link_monotone = cpu_b / cpu_min <= shared, link_b / link <= shared
         if c_pre >= t_pre and cpu_monotone:
             continue
@@ -136,7 +140,7 @@ def _walk_from_crossing(costs, gpu_res, k, gpu_lb, tail_lb, best_t, best_set):
     (growing with the sum) and by its GPU side with the least GPU compute (shrinking with the sum). Start where
     the two bounds cross and walk outwards; each direction stops once its bound reaches the best time."""
     n, c, p = len(costs.c), costs.c, costs.profile
-    cpu_b, link_b, link = (n - k) * costs.b, k * costs.b, k * costs.l
+    cpu_b, link_b, link = (n - k) * costs.b, costs.busy_b + k * costs.b, costs.busy + k * costs.l
     subsets = list(itertools.combinations(range(n), k))       # same order as combinations of the costs
     sums = sorted(zip([costs.c_all - sum(t) for t in itertools.combinations(c, k)], itertools.count()))
 
@@ -226,12 +230,16 @@ def _best_split(costs: _Costs, gpu_res: float, streamed: tuple, i: int):
 
 
 def schedule_experts(profile: HardwareProfile, experts, hidden: int, ffn: int, dtype, allow_split: bool = True,
-                     n_mats: int = 3, link: bool = True) -> ExpertSchedule:
+                     n_mats: int = 3, link: bool = True, link_busy_s: float = 0.0) -> ExpertSchedule:
     """experts: (expert_id, tokens, resident) for one MoE layer-step. Resident experts run on the GPU; each
     non-resident expert with tokens goes to the CPU or over the link, minimising the predicted layer time.
     allow_split: also try splitting one expert's FFN rows between the CPU and the link (the largest CPU expert
     when the CPU side decides, the smallest streamed one when the GPU side does); kept only when it wins.
-    link=False: a layer with no staging buffer -- every non-resident expert runs on the CPU."""
+    link=False: a layer with no staging buffer -- every non-resident expert runs on the CPU.
+    link_busy_s: how long the copy stream is still busy with copies queued before this step (the runtime's
+    estimate); this step's transfers queue behind them."""
+    if not isinstance(link_busy_s, numbers.Real) or not link_busy_s >= 0:
+        raise ValueError("schedule_experts: link_busy_s must be a number >= 0 (seconds), got %r" % (link_busy_s,))
     seen, res, far = set(), [], []
     for e, t, r in experts:
         if not isinstance(t, numbers.Integral) or isinstance(t, bool) or t < 0:
@@ -243,7 +251,7 @@ def schedule_experts(profile: HardwareProfile, experts, hidden: int, ffn: int, d
             (res if r else far).append((e, int(t)))
     terms = expert_terms(profile, hidden, ffn, dtype, n_mats)
     gpu_res = sum(terms.gpu(t) for _, t in res)
-    costs = _Costs(profile, far, terms)
+    costs = _Costs(profile, far, terms, float(link_busy_s))
     best_t, streamed = _best_whole(costs, gpu_res) if link else (None, ())
     split = None
     if allow_split and link and far:
@@ -270,8 +278,8 @@ def _finish(costs, gpu_res, streamed, split, res) -> ExpertSchedule:
                     key=lambda i: (-costs.tokens[i], i))
     cpu = sum(costs.c[i] for i in on_cpu)
     g = [costs.g[i] for i in on_link]
-    link, gpu = len(on_link) * costs.l, gpu_res + sum(g)
-    cpu_b, link_b, tail = len(on_cpu) * costs.b, len(on_link) * costs.b, min(g) if g else 0.0
+    link, gpu = costs.busy + len(on_link) * costs.l, gpu_res + sum(g)
+    cpu_b, link_b, tail = len(on_cpu) * costs.b, costs.busy_b + len(on_link) * costs.b, min(g) if g else 0.0
     if split:
         m, t, f = costs.terms, costs.tokens[si], split[1]
         cpu, cpu_b, link, link_b = cpu + m.cpu(t, f), cpu_b + f * costs.b, link + m.transfer(1 - f), \
@@ -280,4 +288,5 @@ def _finish(costs, gpu_res, streamed, split, res) -> ExpertSchedule:
     t, c, l = _layer_time(p, cpu, cpu_b, link, link_b, gpu, tail)
     return ExpertSchedule(cpu=[costs.ids[i] for i in on_cpu], streamed=[costs.ids[i] for i in on_link],
                           resident=[e for e, _ in res], split=(costs.ids[si], split[1]) if split else None,
-                          predicted_s=t, cpu_s=c, link_s=l, gpu_s=gpu)
+                          predicted_s=t, cpu_s=c, link_s=max(l - costs.busy, 0.0) if on_link or split else 0.0,
+                          gpu_s=gpu)

@@ -185,6 +185,20 @@ class StagingPool:
         for b in self.bufs:              # freed with copies in flight, the blocks wait for the copy stream
             api.record_stream(b, self.stream)
         self.timing = False
+        self.busy_until, self._last_copy = 0.0, None     # host clock when the queued copies should be done
+
+    def note_copy(self, done_ev, expect_s):
+        """A copy of expect_s seconds (the cost model's) was queued on the copy stream, done at done_ev."""
+        now = time.perf_counter()
+        self.busy_until, self._last_copy = max(now, self.busy_until) + expect_s, done_ev
+
+    def backlog_s(self):
+        """How long the copy stream is still busy with what is queued on it (FIFO: the newest copy ends last);
+        0 once that copy's event has completed, else the host clock's distance to the expected end."""
+        if self._last_copy is None or self._last_copy.query():
+            self._last_copy = None
+            return 0.0
+        return max(0.0, self.busy_until - time.perf_counter())
 
     def nbytes(self):
         return sum(b.numel() * b.element_size() for b in self.bufs)
@@ -194,9 +208,10 @@ class StagingPool:
         g, u, d = expert_layout(self.bufs[s], b - a, self.hidden)
         return g[f0 - a:f1 - a], u[f0 - a:f1 - a], d[:, f0 - a:f1 - a]
 
-    def stage(self, key, host, f0, f1, protect=()):
+    def stage(self, key, host, f0, f1, protect=(), expect_s=0.0):
         """Start copying rows [f0, f1) of host (gate, up, down) into a slot unless one holds them: (slot, hit,
-        (start, end) timing events or None); slot None when every slot is protected."""
+        (start, end) timing events or None); slot None when every slot is protected. expect_s: the copy's
+        predicted time, for backlog_s()."""
         s = self.book.find(key, f0, f1)
         if s is not None:
             self.book.touch(s)
@@ -222,6 +237,7 @@ class StagingPool:
             ev = api.event(self.timing)
             ev.record(st)
         self.ready[s] = ev
+        self.note_copy(ev, expect_s)
         self.book.assign(s, key, f0, f1)
         self.book.misses += 1
         return s, False, (t0, ev) if self.timing else None
@@ -240,15 +256,17 @@ class StreamPipe:
     free (a slot this call still reads -- `protect`, or in flight -- is never refilled), each compute waits for
     its fill and frees its slot for the next one, so the copy of item i+1 overlaps the compute of item i."""
 
-    def __init__(self, pool, items, host_of, protect):
+    def __init__(self, pool, items, host_of, protect, expect=None):
         self.pool, self.items, self.host_of, self.protect = pool, deque(items), host_of, protect
+        self.expect = expect             # expect(f0, f1): a fill's predicted seconds (the pool's backlog)
         self.inflight, self.timings = deque(), []
 
     def issue(self):
         while self.items:
             e, f0, f1 = self.items[0]
             busy = self.protect | {s for *_, s in self.inflight}
-            s, _, tev = self.pool.stage(*self.host_of(e), f0, f1, busy)
+            s, _, tev = self.pool.stage(*self.host_of(e), f0, f1, busy,
+                                        self.expect(f0, f1) if self.expect is not None else 0.0)
             if s is None:
                 return
             self.items.popleft()

@@ -23,8 +23,8 @@ import torch
 from .cost_correction import CostCorrection
 from .cpu_worker import (CudaApi, PinnedRows, StagingPool, StreamPipe, default_worker, expert_ffn, expert_layout,
                          run_cpu_job)
-from .hybrid_plan import (Plan, fast_path_mode, host_order, normalize_decision, plan_swaps, propose_resident,
-                          routed_probability, routing_counts, update_popularity)
+from .hybrid_plan import (Plan, fast_path_mode, host_order, normalize_decision, plan_swaps, prefetch_gain,
+                          propose_resident, routed_probability, routing_counts, update_popularity)
 from .hybrid_trace import CallTrace
 
 
@@ -33,7 +33,8 @@ class HybridMoELayer(CallTrace):
 
     experts: [(gate [F, H], up [F, H], down [H, F])] per expert (or `from_3d` for HF's gate_up_proj/down_proj).
     Host tensors are pinned in place (cudaHostRegister; a pinned copy only if that fails), shared storages once.
-    scheduler(profile, experts, hidden, ffn, dtype, allow_split) -> decision; default: the cost model's.
+    scheduler(profile, experts, hidden, ffn, dtype, allow_split, link_busy_s) -> decision; default: the cost
+    model's. link_busy_s: the copy stream's backlog (a prefetch still in flight: the stream is FIFO).
     staging: a StagingPool to share between layers (else `staging_slots` experts of this layer's own).
     learn / correction: correct the cost model online from the call's own measurements (CostCorrection; pass
     one object to every layer of a model to share it); the scheduler gets the corrected profile.
@@ -77,7 +78,7 @@ class HybridMoELayer(CallTrace):
         self._ordbuf = PinnedRows(self.api, (), torch.int64)
         self.correction = correction if correction is not None else CostCorrection() if learn else None
         self.prefetch_min_prob, self._last_tokens, self._last_k, self._learn_pending = prefetch_min_prob, 0, 1, []
-        self._arange = None
+        self._arange, self.expected_end = None, 0.0
         self.score = [0.0] * self.num_experts
         self.decay, self.margin, self.max_swaps, self.rebalance_every = decay, margin, max_swaps, rebalance_every
         self.gpu, self._loading, self.calls, self.swaps = {}, {}, 0, 0
@@ -120,6 +121,7 @@ class HybridMoELayer(CallTrace):
             del self.gpu[e]
             self._loading.pop(e, None)
         main, s = self.api.current_stream(), self.copy_stream
+        terms = self._terms(self._profile_now())
         for e in load:
             buf = self.api.empty((3 * self.ffn * self.hidden,), self.dtype)
             with self.api.stream(s):
@@ -128,6 +130,8 @@ class HybridMoELayer(CallTrace):
                     dst.copy_(src, non_blocking=True)
                 ev = self.api.event()
                 ev.record(s)
+            if self.pool is not None and s is self.pool.stream:
+                self.pool.note_copy(ev, terms.transfer() if terms else 0.0)
             self.api.record_stream(buf, s)
             self.gpu[e], self._loading[e] = buf, ev
         self.swaps += len(load)
@@ -148,15 +152,25 @@ class HybridMoELayer(CallTrace):
         out = sorted((e for e in range(self.num_experts) if e not in self.gpu), key=lambda e: (-self.score[e], e))
         return [e for e in out if routed_probability(self.score[e], tokens, self._last_k) >= min_prob][:n]
 
-    def prefetch(self, expert_ids):
+    def prefetch(self, expert_ids, until=None):
         """Start copying these experts (most likely first) into the staging slots on the copy stream, e.g. while
-        the previous layer's attention runs; the next call finds them staged. Returns the ids staged."""
-        got, protect = [], set()
+        the previous layer's attention runs; the next call finds them staged. Returns the ids staged.
+        until: host time this layer's next call is expected to start (the previous layer's expected_end): then
+        only while prefetch_gain says a copy pays, given the link's backlog and each expert's chance."""
+        got, protect, terms = [], set(), self._terms(self._profile_now())
+        window = None if until is None or terms is None or self.pool is None else (
+            until - time.perf_counter() - self.pool.backlog_s())
         for e in expert_ids:
             if self.pool is None or len(protect) == len(self.pool.bufs):
                 break
+            if e not in self.gpu and window is not None:
+                p = routed_probability(self.score[e], self._last_tokens, self._last_k)
+                if prefetch_gain(p, window, terms.transfer()) <= 0:
+                    break
+                window -= terms.transfer()
             if e not in self.gpu:
-                s, _, tev = self.pool.stage(self._key(e), self.host[e], 0, self.ffn, protect)
+                s, _, tev = self.pool.stage(self._key(e), self.host[e], 0, self.ffn, protect,
+                                            terms.transfer() if terms else 0.0)
                 protect.add(s)
                 got.append(e)
                 self._prefetch_ev += [tev] if tev else []
@@ -177,6 +191,12 @@ class HybridMoELayer(CallTrace):
     def all_resident(self):
         """Every expert of the layer is on the GPU: no call of it has anything to schedule."""
         return len(self.gpu) == self.num_experts
+
+    def _profile_now(self):
+        """The profile the scheduler sees: corrected by this layer's measurements so far."""
+        if self.correction is not None and self.profile is not None:
+            return self.correction.apply(self.profile)
+        return self.profile
 
     def _terms(self, profile):
         if profile is None:
@@ -207,6 +227,7 @@ class HybridMoELayer(CallTrace):
         if self.all_resident() and fast_path_mode(T, k, self.score, sorted(self.gpu),
                                                   terms and terms.gpu) == "dense":
             out = self._dense(hidden, idx, weights, acc_dtype, main)
+            self.expected_end = time.perf_counter()
             if after_issue is not None:
                 after_issue()
             self.calls += 1
@@ -237,7 +258,7 @@ class HybridMoELayer(CallTrace):
                   if pool is not None and counts[e] and e not in self.gpu}
         staged = {e: s for e, s in staged.items() if s is not None}      # prefetched: no link time left
         experts = [(e, n, e in self.gpu or e in staged) for e, n in enumerate(counts) if n]
-        prof, used = self.profile, None
+        prof, used, busy = self.profile, None, pool.backlog_s() if pool is not None else 0.0
         if all(r for _, _, r in experts):                    # nothing to decide: no scheduler call
             dec, mode = None, "resident"
             plan = Plan([], [], [e for e, _, _ in experts], None)
@@ -245,9 +266,9 @@ class HybridMoELayer(CallTrace):
             mode = "scheduled"
             if self.correction is not None and prof is not None:
                 prof, used = self.correction.apply(prof), dict(self.correction.factor)
-            dec = self.scheduler(prof, experts, H, Fn, self.dtype, allow_split=self.allow_split)
+            dec = self.scheduler(prof, experts, H, Fn, self.dtype, allow_split=self.allow_split, link_busy_s=busy)
             plan = normalize_decision(dec, experts, Fn, self.allow_split)
-        split_e = plan.split[0] if plan.split else None
+        split_e, t_sched = plan.split[0] if plan.split else None, time.perf_counter() - t_host
 
         def run(e, g, u, d):
             return expert_ffn(xs[off[e]:off[e + 1]], g, u, d)
@@ -270,11 +291,14 @@ class HybridMoELayer(CallTrace):
                 segs.append((g[f0:f1], u[f0:f1], d[:, f0:f1], o, counts[e]))
                 o += counts[e]
             fut = self.worker.submit(run_cpu_job, (evx, self._y_free), xh, yh, segs)
+        t_submit = time.perf_counter() - t_host
         items = [(e, 0, Fn) for e in plan.streamed] + ([(split_e, plan.split[1], Fn)] if plan.split else [])
         if items and pool is None:
             raise RuntimeError("cost-model decision streams experts, but this layer has no staging buffers")
         protect = {staged[e] for e in plan.resident if e in staged}
-        pipe = StreamPipe(pool, items, lambda e: (self._key(e), self.host[e]), protect)
+        lterms = self._terms(prof) if items else None
+        pipe = StreamPipe(pool, items, lambda e: (self._key(e), self.host[e]), protect,
+                          lterms and (lambda f0, f1: lterms.transfer((f1 - f0) / Fn)))
         if items:
             pipe.issue()                                     # the link starts before resident compute
         on_gpu = [e for e in plan.resident if e in self.gpu]
@@ -302,11 +326,14 @@ class HybridMoELayer(CallTrace):
                                                      else combine(e, run(e, g, u, d))))
         if used is not None and pipe.timings and getattr(dec, "link_s", None):
             self._learn_pending.append(("link", None, list(pipe.timings), dec.link_s, used["link"]))
+        # when this call should end, for the next layer's prefetch (prefetch(until=...)): the CPU side's end
+        self.expected_end = t_host + t_sched + (getattr(dec, "predicted_s", None) or 0.0)
         if after_issue is not None:
             after_issue()
-        cpu_wait = cpu_s = 0.0
+        cpu_wait = cpu_s = t_cpu_back = 0.0
         if fut is not None:
             cpu_wait, cpu_s = fut.result()
+            t_cpu_back = time.perf_counter() - t_host
             if used is not None and getattr(dec, "cpu_s", None):
                 self.correction.observe("cpu", cpu_s, dec.cpu_s, used["cpu"])
             yd = yh.to(hidden.device, non_blocking=True)
@@ -322,7 +349,9 @@ class HybridMoELayer(CallTrace):
         if self.tracing:
             self._record(dec, plan, counts, staged, marks[0], main, pipe.timings,
                          dict(tokens=T, host_s=time.perf_counter() - t_host, cpu_s=cpu_s, cpu_wait_s=cpu_wait,
-                              mode=mode),
+                              mode=mode, link_busy_s=busy, sched_at_s=t_sched,
+                              cpu_submit_at_s=t_submit if cpu_items else None,
+                              cpu_back_at_s=t_cpu_back if cpu_items else None),
                          predicted=None if dec is not None or terms is None else sum(
                              terms.gpu(counts[e]) for e in plan.resident))
         return out

@@ -89,6 +89,14 @@ def routed_probability(share, tokens, k):
     return 1.0 - (1.0 - p) ** max(0, tokens)
 
 
+def prefetch_gain(prob, window_s, transfer_s):
+    """Expected link time a prefetch saves the next layer (s; <= 0: not worth it). The copy stream is FIFO: the
+    part of the copy that fits in the link's idle window before the next layer starts is free; the rest is a
+    backlog the next layer's own transfers wait behind. A hit (prob) saves the free part; a miss costs the rest."""
+    free = min(max(window_s, 0.0), transfer_s)
+    return prob * free - (1.0 - prob) * (transfer_s - free)
+
+
 def expected_routed(score, experts, tokens, k):
     """Expected number of `experts` routed at least once in a call of `tokens` tokens (uniform shares while the
     score has seen nothing)."""

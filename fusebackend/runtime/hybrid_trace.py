@@ -28,7 +28,8 @@ class CallTrace:
 
     def _resolve(self, block):
         """Fill in the GPU times of traced calls whose events completed (all of them when block): total_s from
-        the call's start to its output on the compute stream, link_s the copy stream's fills for it."""
+        the call's start to its output on the compute stream, link_s the copy stream's fills for it, and when
+        they started and ended after the call's start."""
         keep, el = [], lambda a, b: a.elapsed_time(b) / 1e3     # noqa: E731
         todo = []
         for p in self._learn_pending:                        # measurements for the cost correction
@@ -50,7 +51,10 @@ class CallTrace:
             for ev in [ev1] + [b for _, b in stage_ev + pre_ev]:
                 ev.synchronize()
             entry.update(total_s=el(ev0, ev1), link_s=sum(el(a, b) for a, b in stage_ev),
-                         prefetch_link_s=sum(el(a, b) for a, b in pre_ev))
+                         prefetch_link_s=sum(el(a, b) for a, b in pre_ev),
+                         # the call's own fills on the call's clock: a late start is a backlog on the link
+                         link_start_at_s=el(ev0, stage_ev[0][0]) if stage_ev else None,
+                         link_end_at_s=el(ev0, stage_ev[-1][1]) if stage_ev else None)
         self._pending = keep
 
     def collect_trace(self):

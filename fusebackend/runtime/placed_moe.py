@@ -57,7 +57,8 @@ class ModelMoE:
         nxt = self.layers[i + 1].layer if 0 <= i < len(self.layers) - 1 else None
         if nxt is None or nxt.pool is None:
             return None
-        return lambda: nxt.prefetch(nxt.likely(len(nxt.pool.bufs)))
+        cur = binding.layer                # its expected end bounds the link's idle window (prefetch_gain)
+        return lambda: nxt.prefetch(nxt.likely(len(nxt.pool.bufs)), until=cur.expected_end)
 
     def traces(self) -> list:
         seen, out = set(), []
@@ -135,7 +136,7 @@ def bind(model: ModelMoE, key: int, resident) -> _Binding:
     return b
 
 
-def _cpu_only(profile, experts, hidden, ffn, dtype, allow_split=False):
+def _cpu_only(profile, experts, hidden, ffn, dtype, allow_split=False, link_busy_s=0.0):
     """The scheduler of a layer with no staging room (the budget held none): the link is never chosen."""
     from ..passes.cost_schedule import schedule_experts
     return schedule_experts(profile, experts, hidden, ffn, dtype, allow_split=False, link=False)
