@@ -15,7 +15,9 @@
 #     budget, the horizontal_100_small breakdown, the optimizer's cold compile, a gpt2 eager-attention profile;
 #     O: (s5) GPU tests beside a fuzzer, HF generate with --profile; P: (s6) launch-knob tuning, horizontal;
 #     Q: offload, HF generate, decode attention; R: GPU tests + fuzzer, optimizer, full-budget offload;
-#     S: GPU tests alone, the fmad cost, AdamW fuse-only (next session's first call)
+#     S: GPU tests alone, the fmad cost, AdamW fuse-only (next session's first call);
+#     T: (s7) GPU tests alone, then offload at 25%/50% with the link backlog known (gated prefetch, and the old
+#     one-expert prefetch), the fixed strategies beside
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -235,6 +237,14 @@ S)   # for the next session's first call: GPU tests alone on HEAD (231 s in s5),
   TAIL=30 step tune_rows 120 python3 bench/tune_rows.py
   TAIL=12 step optimizer 90 python3 bench/optimizer.py --device cuda --n 200 --opt adamw --backends fuse \
     --max-s 10 --steps-check 10
+  ;;
+T)
+  step gpu_tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
+  TAIL=40 step offload 130 python3 bench/offload.py --budgets 0.25,0.5 \
+    --strategies gpu_all,pinned,cpu_nonres,static_split,fuse --time-limit 110 --cell-limit 8 --out "$OUT/offload"
+  TAIL=22 step offload_prefetch1 60 python3 bench/offload.py --budgets 0.25,0.5 --strategies fuse \
+    --prefetch 1 --prefetch-gate 0 --time-limit 50 --cell-limit 6 --out "$OUT/offload_prefetch1"
   ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \
