@@ -144,7 +144,7 @@ def _gen_reduction(fg: FusionGraph, group, V: int):
         if cache == "reg":
             for k, var in all_vars.items():
                 row.append("%s %s[%d];" % (cache_type[k], var, shape.kc * vv))
-        lines, end = driver.run(loop, lambda dtype, op: C.compute(dtype), after_loop, new_vec)
+        lines, end = driver.run(loop, lambda dtype, op, node: C.compute(dtype), after_loop, new_vec)
         row += lines
         if end:
             row += ["if (tr == 0) {"] + indent(end, 2) + ["}"]

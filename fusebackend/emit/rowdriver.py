@@ -7,7 +7,9 @@ before the phase's loop, cached values are read back in later phases. What a tar
 
   loop(body, accs, vec)      the loop over the reduced index around one phase's body (lines); accs holds
                              (accumulator variable, its C type, reduction op, node) of the phase
-  acc_type(dtype, op)        the C type a reduction accumulates in
+  acc_type(dtype, op, node)  the C type a reduction accumulates in
+  acc_lvalue(a)              what the body updates for accumulator a (default a itself; the CPU's long rows
+                             name the lane of the iteration)
   after_loop(a, acc_t, op)   lines after that loop, before a mean's division (combining across threads)
   new_vec()                  the vector state of one phase's body, or None (targets with vector accesses)
 """
@@ -51,7 +53,7 @@ class RowDriver:
             return var
         return None
 
-    def run(self, loop, acc_type, after_loop=lambda a, acc_t, op: [], new_vec=None):
+    def run(self, loop, acc_type, after_loop=lambda a, acc_t, op: [], new_vec=None, acc_lvalue=lambda a: a):
         """(row lines, end lines): every phase of one row, then the per-row outputs (`end`, which the
         target places: every thread, or one)."""
         fg, b, plan, idx = self.fg, self.b, self.plan, self.idx
@@ -72,9 +74,10 @@ class RowDriver:
             for r in [r for r in plan.reductions if plan.level[r] == p]:
                 v = b.value(plan.red_input(r), idx)
                 op = red_op(fg, r)
-                acc_t = acc_type(fg.node(r).meta.dtype, op)
+                acc_t = acc_type(fg.node(r).meta.dtype, op, r)
                 a = "a%d" % plan.reductions.index(r)     # not the node's name: equal groups, equal source
-                b.emit("%s = fb::%s::combine(%s, (%s)%s);" % (a, RED_T[op], a, acc_t, v))
+                lv = acc_lvalue(a)
+                b.emit("%s = fb::%s::combine(%s, (%s)%s);" % (lv, RED_T[op], lv, acc_t, v))
                 accs.append((a, acc_t, op, r))
             if p == plan.num_levels:
                 for out in plan.row_outputs:
