@@ -27,10 +27,10 @@ from .steps import LayoutMismatch
 
 INCLUDE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "emit", "include")
 INSTALL_HINT = "pip install cupy-cuda13x"
-# --fmad=false: a*b+c rounds twice, as eager's separate kernels do (and as the CPU build's -ffp-contract=off).
-# Contracted, softmax(a*b) took exp of the product's rounding error (~1e3 for |a*b| ~ 1e10): inf/inf = NaN
-# where eager gives 1 (GPU fuzzer, 2026-12-02). The math templates ask for their FMAs explicitly.
-BASE_OPTIONS = ("-std=c++17", "--fmad=false")
+# --fmad=true, as eager's kernels are built: the device math library without contraction cost masked_softmax
+# 16% on the H200 (0.2525 vs 0.2109 ms, bench/tune_rows.py, 2026-12-04). A graph's own multiplies round
+# before a consumer's add all the same (fb::mul_rn, emit/include/fb_math.h says why).
+BASE_OPTIONS = ("-std=c++17", "--fmad=true")
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
 

@@ -18,7 +18,7 @@ def _on_cuda(monkeypatch):
 
 # 1. NVRTC contracted a*b - max into one FMA inside the softmax: the max element's exp was exp(rounding error
 #    of the product) -- inf for |a*b| ~ 1e10 -- and the column's normalisation inf/inf = NaN where eager gives ~1.
-#    Kernels now build with --fmad=false (runtime/cuda_compiler.py), as the CPU build's -ffp-contract=off.
+#    A graph's multiply now rounds its product (fb::mul_rn, emit/include/fb_math.h), whatever --fmad says.
 def test_softmax_of_a_large_product_rounds_the_product_as_eager():
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(16, 64, device="cuda", generator=g) * 1e5

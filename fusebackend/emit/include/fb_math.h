@@ -6,6 +6,17 @@
 
 namespace fb {
 
+// A product that a following add or subtract is never fused with (an FMA keeps the product unrounded): what a
+// graph's own multiply computes. CUDA kernels build with --fmad=true (the device math library is ~16% slower
+// on a softmax without contraction); a graph-level a*b - c then still rounds a*b first, as eager's separate
+// kernels do. Contracted, softmax(a*b) took exp of the product's rounding error (~1e3 for |a*b| ~ 1e10):
+// inf/inf = NaN where eager gives 1 (GPU fuzzer, 2026-12-02). The CPU build has -ffp-contract=off.
+template <class T> FB_HD T mul_rn(T a, T b) { return a * b; }
+#if defined(__CUDA_ARCH__)   // device code only (nvcc's host pass and the CPU build keep a * b)
+template <> FB_HD float mul_rn<float>(float a, float b) { return __fmul_rn(a, b); }
+template <> FB_HD double mul_rn<double>(double a, double b) { return __dmul_rn(a, b); }
+#endif
+
 #if FB_CUDA
 FB_HD float exp_(float x) { return expf(x); }
 FB_HD float expm1_(float x) { return expm1f(x); }

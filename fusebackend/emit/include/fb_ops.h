@@ -41,15 +41,15 @@ FB_UNARY(Erf, erf_(a))
 FB_UNARY(Sigmoid, (T)1 / ((T)1 + exp_(-a)))
 FB_UNARY(Silu, a / ((T)1 + exp_(-a)))
 FB_UNARY(Relu, a < (T)0 ? (T)0 : a)
-FB_UNARY(Gelu, (T)0.5 * a * ((T)1 + erf_(a * (T)0.70710678118654752440)))
-FB_UNARY(GeluTanh, (T)0.5 * a * ((T)1 + tanh_((T)0.79788456080286535588 * (a + (T)0.044715 * a * a * a))))
+FB_UNARY(Gelu, mul_rn((T)0.5 * a, (T)1 + erf_(a * (T)0.70710678118654752440)))
+FB_UNARY(GeluTanh, mul_rn((T)0.5 * a, (T)1 + tanh_((T)0.79788456080286535588 * (a + (T)0.044715 * a * a * a))))
 FB_UNARY(Floor, floor_(a))
 FB_UNARY(Ceil, -floor_(-a))
 FB_UNARY(Round, rint_(a))
 FB_UNARY(Trunc, a < (T)0 ? -floor_(-a) : floor_(a))
 FB_UNARY(Sign, (T)((a > (T)0) - (a < (T)0)))  // NaN -> 0, as torch.sign
-FB_UNARY(Square, a * a)
-FB_UNARY(Cube, a * a * a)
+FB_UNARY(Square, mul_rn(a, a))
+FB_UNARY(Cube, mul_rn(a * a, a))
 FB_UNARY(BitwiseNot, ~a)
 #undef FB_UNARY
 
@@ -63,10 +63,11 @@ struct IsInf { template <class T> FB_FN bool exec(T a) { return a == (T)inf_f() 
 template <> FB_HD bool IsInf::exec<int64_t>(int64_t) { return false; }
 template <> FB_HD bool IsInf::exec<bool>(bool) { return false; }
 
+// Ops whose value ends in a product use mul_rn (fb_math.h): a consumer's add is not contracted with it.
 #define FB_BINARY(NAME, R, EXPR) struct NAME { template <class T> FB_FN R exec(T a, T b) { return EXPR; } };
 FB_BINARY(Add, T, a + b)
 FB_BINARY(Sub, T, a - b)
-FB_BINARY(Mul, T, a * b)
+FB_BINARY(Mul, T, mul_rn(a, b))
 FB_BINARY(Div, T, a / b)
 // A tie between -0.0 and 0.0 returns what ATen's vectorized loop returns: the second operand for maximum and
 // minimum (_mm256_max_ps), the first for fmax and fmin. (Its scalar loop -- tensors under 8 elements, loop
@@ -151,7 +152,7 @@ struct Clamp {  // a NaN bound (scalar or tensor) makes the result NaN, as in ea
   }
 };
 struct ThresholdBackward { template <class T> FB_FN T exec(T g, T x, T thr) { return x <= thr ? (T)0 : g; } };
-struct LeakyRelu { template <class T> FB_FN T exec(T x, T slope) { return x > (T)0 ? x : x * slope; } };
+struct LeakyRelu { template <class T> FB_FN T exec(T x, T slope) { return x > (T)0 ? x : mul_rn(x, slope); } };
 struct Const { template <class T> FB_FN T exec(T v) { return v; } };
 
 }  // namespace fb
