@@ -17,7 +17,8 @@
 #     Q: offload, HF generate, decode attention; R: GPU tests + fuzzer, optimizer, full-budget offload;
 #     S: GPU tests alone, the fmad cost, AdamW fuse-only (next session's first call);
 #     T: (s7) GPU tests alone, then offload at 25%/50% with the link backlog known (gated prefetch, and the old
-#     one-expert prefetch), the fixed strategies beside
+#     one-expert prefetch), the fixed strategies beside; U: GPU tests, fuzzer, bench/gpu.py after --fmad=true;
+#     V: AdamW step, zoo
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -245,6 +246,18 @@ T)
     --strategies gpu_all,pinned,cpu_nonres,static_split,fuse --time-limit 110 --cell-limit 8 --out "$OUT/offload"
   TAIL=22 step offload_prefetch1 60 python3 bench/offload.py --budgets 0.25,0.5 --strategies fuse \
     --prefetch 1 --prefetch-gate 0 --time-limit 50 --cell-limit 6 --out "$OUT/offload_prefetch1"
+  ;;
+U)   # s7 call 3: GPU tests alone after --fmad=true with rounded products (fb::mul_rn) and the CPU row kernels'
+     # shared driver change, a GPU fuzzer after them, then the whole GPU anchor table (issue 15 has none on the H200)
+  step gpu_tests 280 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
+  TAIL=8 step fuzz_gpu 100 python3 bench/fuzz_gpu.py --seconds 80 --seed 141 --log "$OUT/fuzz_141.cases.txt"
+  TAIL=30 step gpu_bench 170 python3 bench/gpu.py --out "$OUT/gpu.json"
+  ;;
+V)   # s7 call 4: the AdamW step (cold compile after this session's compile-time work), the zoo at bench size
+  TAIL=12 step optimizer 70 python3 bench/optimizer.py --device cuda --n 200 --opt adamw --backends fuse \
+    --max-s 10 --steps-check 10
+  TAIL=30 step zoo 260 python3 bench/zoo.py --size bench --dtype bfloat16 --out "$OUT/zoo.json"
   ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \
