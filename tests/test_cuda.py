@@ -325,3 +325,14 @@ def test_gpu_cudagraphs_inputs_captured_in_place():
         for i in range(3):
             numerics.assert_matches(fn, compiled, (torch.randn(64, 256, device="cuda"), w2))
             w2.add_(1.0)
+
+
+def test_a_product_rounds_before_its_consumer_unless_it_is_exact():
+    """--fmad=true lets NVRTC fuse a*b+c; a graph's multiply is fb::Mul (rounded first: fb::mul_rn) unless a
+    power-of-two constant makes the product exact (fb::MulExact, free to contract)."""
+    x, m = torch.randn(8, 64), torch.randn(8, 64)
+    exact = "".join(s.source for s in cuda_sources(lambda x, m: torch.softmax(x * 0.125 + m, -1), (x, m)))
+    inexact = "".join(s.source for s in cuda_sources(lambda x, m: torch.softmax(x * 0.1 + m, -1), (x, m)))
+    assert "fb::MulExact::exec" in exact and "fb::Mul::exec" not in exact
+    assert "fb::Mul::exec" in inexact and "fb::MulExact::exec" not in inexact
+    assert "--fmad=true" in CC.BASE_OPTIONS

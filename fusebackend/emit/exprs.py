@@ -6,6 +6,7 @@ their (broadcast) operands, views remap it, external values are loaded through r
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -247,7 +248,7 @@ class ExprBuilder:
                     if dt in HALF:      # eager compares with the scalar rounded to the tensor's type (h < 0.1)
                         o = torch.tensor(o, dtype=dt).item()
                 args.append(C.literal(o, want))
-        expr = "fb::%s::exec(%s)" % (pw.template, ", ".join(args))
+        expr = "fb::%s::exec(%s)" % (_exact_mul(pw, op_ct), ", ".join(args))
         if pw.template == "Identity" and pw.operands and isinstance(pw.operands[0], Ref):
             src = self.meta_of(pw.operands[0]).dtype
             if out_dtype in HALF and src != out_dtype:        # an explicit narrowing cast rounds
@@ -339,3 +340,15 @@ def _invariant(idx: tuple) -> bool:
 def _round(dtype, expr: str) -> str:
     """expr rounded to the half type `dtype` (kept in float)."""
     return "fb::round_%s(%s)" % ("bf16" if dtype == torch.bfloat16 else "half", expr)
+
+
+def _exact_mul(pw, op_ct) -> str:
+    """MulExact for a float product by a power-of-two constant (x * 0.125, attention's scale at head size 64):
+    the product is exact, so a following add may contract with it (fb_ops.h); any other Mul rounds first."""
+    if pw.template != "Mul" or op_ct not in ("float", "double"):
+        return pw.template
+    for o in pw.operands:
+        if isinstance(o, (int, float)) and not isinstance(o, bool) and o != 0 and math.isfinite(o) \
+                and math.frexp(o)[0] in (0.5, -0.5) and 2.0 ** -100 < abs(o) < 2.0 ** 100:
+            return "MulExact"
+    return pw.template

@@ -68,6 +68,7 @@ template <> FB_HD bool IsInf::exec<bool>(bool) { return false; }
 FB_BINARY(Add, T, a + b)
 FB_BINARY(Sub, T, a - b)
 FB_BINARY(Mul, T, mul_rn(a, b))
+FB_BINARY(MulExact, T, a * b)   // by a power of two (emit/exprs.py): exact, so contracting it changes nothing
 FB_BINARY(Div, T, a / b)
 // A tie between -0.0 and 0.0 returns what ATen's vectorized loop returns: the second operand for maximum and
 // minimum (_mm256_max_ps), the first for fmax and fmin. (Its scalar loop -- tensors under 8 elements, loop
