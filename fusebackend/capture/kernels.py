@@ -5,11 +5,26 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from ..emit import EmitError, emit_kernel
-from ..runtime import compile_kernel, progress
+from ..runtime import compile_kernel, first_call_builds, progress
 
 
-def build_kernels(fg, groups, opts, rep) -> dict:
+def build_kernels(fg, groups, opts, rep, batches=()) -> dict:
     """Emit and compile every kernel group (distinct sources compile once, in parallel); failures fall back."""
+    return finish_kernels(start_kernels(fg, groups, opts, rep, batches))
+
+
+class PendingKernels:
+    """Kernels emitted and compiling on a thread pool: the caller may work meanwhile (compile_graph encodes
+    the program cache entry), then finish_kernels waits. rep.specs is already set."""
+
+    def __init__(self, groups, opts, rep, specs, pool, futures, extra):
+        self.groups, self.opts, self.rep, self.specs = groups, opts, rep, specs
+        self.pool, self.futures, self.extra = pool, futures, extra
+
+
+def start_kernels(fg, groups, opts, rep, batches=()) -> PendingKernels:
+    """Emit every kernel group, then start compiling the distinct sources, and the builds the program's first
+    call would make (runtime.first_call_builds), on a thread pool."""
     specs = {}
     for g in groups:
         if not g.is_kernel:
@@ -24,6 +39,7 @@ def build_kernels(fg, groups, opts, rep) -> dict:
     unique = {}
     for spec in specs.values():
         unique.setdefault(spec.source, spec)
+    jobs = first_call_builds(groups, batches, opts) if unique else []
     threads = opts.compile_threads or os.cpu_count() or 1
 
     def build(spec):
@@ -32,24 +48,47 @@ def build_kernels(fg, groups, opts, rep) -> dict:
         except Exception as e:     # a compiler error or a missing compiler: those groups run as ATen
             return spec.source, None, e
 
-    built = {}
     progress.start(len(unique))
+    pool = ThreadPoolExecutor(max_workers=max(1, min(threads, len(unique) + len(jobs) or 1)))
     try:
-        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(unique) or 1))) as pool:
-            for source, launch, err in pool.map(build, unique.values()):
-                built[source] = (launch, err)
-                rep.sources.append(source)
-                progress.step()
+        futures = [pool.submit(build, spec) for spec in unique.values()]
+        extra = [pool.submit(_quiet, job) for job in jobs]
+    except BaseException:
+        pool.shutdown(wait=True)
+        progress.done()
+        raise
+    return PendingKernels(groups, opts, rep, specs, pool, futures, extra)
+
+
+def finish_kernels(p: PendingKernels) -> dict:
+    """Wait for the compiles: group id -> (KernelSource, launch) of every kernel that built."""
+    built = {}
+    try:
+        for fut in p.futures:
+            source, launch, err = fut.result()
+            built[source] = (launch, err)
+            p.rep.sources.append(source)
+            progress.step()
     finally:
+        p.pool.shutdown(wait=True)       # the first-call builds too: the first call would wait for them
         progress.done()
     kernels = {}
-    for gid, spec in specs.items():
+    for gid, spec in p.specs.items():
         launch, err = built[spec.source]
         if err is not None:
-            _fail(next(g for g in groups if g.id == gid), "compile: %s" % err, opts, rep)
+            _fail(next(g for g in p.groups if g.id == gid), "compile: %s" % err, p.opts, p.rep)
         else:
             kernels[gid] = (spec, launch)
     return kernels
+
+
+def _quiet(job):
+    """A first-call build is only started early: if it fails, the first call meets the same failure and
+    handles it as it always does."""
+    try:
+        job()
+    except Exception:
+        pass
 
 
 def _fail(group, reason, opts, rep):

@@ -112,7 +112,9 @@ class FusionGraph:
         return node
 
     def node(self, name: str) -> OpNode:
-        return self.g.nodes[name]["op"]
+        # the DiGraph's own node dict: `g.nodes[name]` builds through a NodeView each call, and the passes ask
+        # this about a million times for a 200-tensor optimizer step
+        return self.g._node[name]["op"]
 
     def nodes(self):
         """All OpNodes in the original (topological) order."""

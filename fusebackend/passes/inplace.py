@@ -98,8 +98,12 @@ def _reads(node) -> list:
     return ref_names_in((node.args, node.kwargs), [])
 
 
-def stores_ok(fg: FusionGraph, names, domain, reduce_dims, roots: dict) -> bool:
-    """May `names` (a candidate kernel over `domain`) hold its store nodes? See the module's text."""
+def stores_ok(fg: FusionGraph, names, domain, reduce_dims, roots: dict, reads=None) -> bool:
+    """May `names` (a candidate kernel over `domain`) hold its store nodes? See the module's text. `reads`:
+    name -> the names its node reads, when the caller keeps them (the vertical pass asks per candidate merge)."""
+    if reads is None:
+        def reads(n):
+            return _reads(fg.node(n))
     stores = [n for n in names if is_store(fg.node(n))]
     if not stores:
         return True
@@ -113,12 +117,12 @@ def stores_ok(fg: FusionGraph, names, domain, reduce_dims, roots: dict) -> bool:
             return False
         targets[p] = s
     for n in names:                              # no operand is a view or alias of a written input
-        for r in _reads(fg.node(n)):
+        for r in reads(n):
             if r not in names and r not in targets and roots.get(r, r) in targets:
                 return False
     for p, s in targets.items():
         at = fg.node(s).index
-        readers = [n for n in names if n != s and p in _reads(fg.node(n))]
+        readers = [n for n in names if n != s and p in reads(n)]
         if any(fg.node(r).index > at for r in readers):
             return False                         # a read of the written value: it would be the old one
         seen, stack = set(), list(readers)
@@ -131,5 +135,5 @@ def stores_ok(fg: FusionGraph, names, domain, reduce_dims, roots: dict) -> bool:
             if node.kind != "pointwise" or indexing.is_index_op(node.target) or node.meta is None \
                     or tuple(node.meta.shape) != dom:
                 return False
-            stack.extend(u for u in fg.users(n) if u in names and n in _reads(fg.node(u)))
+            stack.extend(u for u in fg.users(n) if u in names and n in reads(u))
     return True

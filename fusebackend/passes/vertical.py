@@ -9,7 +9,7 @@ from ..graph import registry
 from ..graph import indexing
 from ..graph.effects import buffer_roots
 from ..graph.indexing import is_cat, is_take
-from ..graph.fusion_graph import FusionGraph, Ref
+from ..graph.fusion_graph import FusionGraph, Ref, ref_names_in
 from .groups import FUSABLE, Group, data_users, finish_io
 from .inplace import stores_ok
 from .schedule import order_groups
@@ -49,6 +49,40 @@ class _Fuser:
         self.max_nodes = MAX_GROUP_NODES
         self.roots = buffer_roots(fg)       # value -> the buffer it aliases (stores_ok: reads of written inputs)
         self._data_users: dict[str, list] = {}
+        # per-node facts every candidate merge asks of each member again (the graph does not change here): a
+        # 200-tensor optimizer step asks ~15k merges of 28-node chains
+        self.op = {name: d["op"] for name, d in fg.g.nodes(data=True)}
+        self.takes = {n for n, node in self.op.items() if is_take(node.target)}
+        self._reads: dict[str, tuple] = {}
+        self._users: dict[str, list] = {}
+        self._reduction: dict[str, tuple] = {}
+        self._readers: dict[str, frozenset] = {}
+        self._fits: dict[tuple, bool] = {}
+
+    def reads(self, name: str) -> tuple:
+        got = self._reads.get(name)
+        if got is None:
+            node = self.op[name]
+            got = self._reads[name] = tuple(ref_names_in((node.args, node.kwargs), []))
+        return got
+
+    def readers(self, name: str) -> frozenset:
+        got = self._readers.get(name)
+        if got is None:
+            got = self._readers[name] = frozenset(self.data_users(name))
+        return got
+
+    def fits(self, shape: tuple, dom: tuple) -> bool:
+        got = self._fits.get((shape, dom))
+        if got is None:
+            got = self._fits[(shape, dom)] = fits(shape, dom)
+        return got
+
+    def users(self, name: str) -> list:
+        got = self._users.get(name)
+        if got is None:
+            got = self._users[name] = self.fg.users(name)
+        return got
 
     def data_users(self, name: str) -> list:
         """groups.data_users, once per node: every candidate merge asks it of each member (the graph does not
@@ -68,34 +102,39 @@ class _Fuser:
         return True
 
     def reduction_of(self, name: str):
-        node = self.fg.node(name)
-        red = registry.normalize_reduction(node.target, node.args, node.kwargs)
-        src = self.fg.meta_of(red.input)
-        return registry.finish_reduction(red, src.rank), src.shape
+        got = self._reduction.get(name)
+        if got is None:
+            node = self.op[name]
+            red = registry.normalize_reduction(node.target, node.args, node.kwargs)
+            src = self.fg.meta_of(red.input)
+            got = self._reduction[name] = (registry.finish_reduction(red, src.rank), src.shape)
+        return got
 
     def domain(self, names):
         """(domain, reduce_dims) of a candidate member set, or None when it cannot be one kernel."""
+        op = self.op
+        members = [(n, op[n]) for n in names]
         reds = set()
-        for n in names:
-            if self.fg.node(n).kind == "reduction":
+        for n, node in members:
+            if node.kind == "reduction":
                 red, in_shape = self.reduction_of(n)
                 reds.add((in_shape, red.dims))
         if len(reds) > 1:
             return None
-        if reds and any(is_cat(self.fg.node(n).target) for n in names):
+        if reds and any(is_cat(node.target) for _, node in members):
             return None                          # a row plan reads every value at the row's own index
         if reds and self.moves_reduced_values(names):
             return None
-        shapes = [self.fg.node(n).meta.shape for n in names]
+        shapes = [node.meta.shape for _, node in members]
         # written: read outside the kernel (order edges are no reads), or a store into an input
-        written = {n for n in names if n in self.outputs or registry.is_store(self.fg.node(n))
-                   or any(u not in names for u in self.data_users(n))}
+        written = {n for n, node in members if n in self.outputs or registry.is_store(node)
+                   or not self.readers(n) <= names}
         if reds:
             dom, rdims = next(iter(reds))
         elif written:
             # the domain is the written values' shape; a value only read inside the kernel is computed at
             # whatever index its readers ask for (a slice, a cat input), whatever its own shape
-            dom, rdims = self.fg.node(min(written, key=lambda n: self.fg.node(n).index)).meta.shape, ()
+            dom, rdims = op[min(written, key=lambda n: op[n].index)].meta.shape, ()
         else:
             dom, rdims = max(shapes, key=len), ()
             for s in shapes:                     # the domain must be one member's shape, all others fit it
@@ -103,8 +142,7 @@ class _Fuser:
                     dom = s
         keep, drop = outer_shapes(dom, rdims)
         index_only = self.index_only(names, written)
-        for n in names:
-            node = self.fg.node(n)
+        for n, node in members:
             s = node.meta.shape
             if node.kind == "reduction":
                 continue
@@ -112,7 +150,7 @@ class _Fuser:
             # read inside only: computed at whatever index is asked (in a row kernel, only index tensors:
             # a take asks for them at its own output's position)
             loose = not (rdims or needs_write) or n in index_only
-            if not (fits(s, dom) or (rdims and s == drop) or loose):
+            if not (self.fits(s, dom) or (rdims and s == drop) or loose):
                 return None
             if needs_write and s != dom and not (rdims and s in (keep, drop)):
                 return None
@@ -130,7 +168,7 @@ class _Fuser:
         """Members read only as the index of a take (the position ids of an embedding), directly or through
         pointwise ops and views that are themselves index-only."""
         out = set()
-        if not any(is_take(self.fg.node(n).target) for n in names):
+        if self.takes.isdisjoint(names):
             return out
         for n in sorted(names, key=lambda n: -self.fg.node(n).index):
             if n in written or self.fg.node(n).kind not in ("pointwise", "view"):
@@ -172,8 +210,9 @@ class _Fuser:
 
     def creates_cycle(self, merged: set) -> bool:
         """A path leaving the merged set and coming back (through nodes or through other groups)."""
-        top = max(self.fg.node(n).index for n in merged)
-        frontier = [u for n in merged for u in self.fg.users(n) if u not in merged]
+        op = self.op
+        top = max(op[n].index for n in merged)
+        frontier = [u for n in merged for u in self.users(n) if u not in merged]
         seen = set()
         while frontier:
             x = frontier.pop()
@@ -186,8 +225,8 @@ class _Fuser:
                     return True
                 if y not in seen and y != x:
                     frontier.append(y)
-                if self.fg.node(y).index < top:
-                    frontier.extend(u for u in self.fg.users(y) if u not in seen)
+                if op[y].index < top:
+                    frontier.extend(u for u in self.users(y) if u not in seen)
         return False
 
     def try_merge(self, a: int, b: int) -> bool:
@@ -196,15 +235,17 @@ class _Fuser:
         names = self.members[a] + self.members[b]
         if len(names) > self.max_nodes:
             return False
-        devices = {self.fg.node(n).device for n in names}
-        dom = self.domain(set(names)) if len(devices) == 1 else None
-        if dom is None or not stores_ok(self.fg, set(names), dom[0], dom[1], self.roots):
+        op = self.op
+        devices = {op[n].device for n in names}
+        merged = set(names)
+        dom = self.domain(merged) if len(devices) == 1 else None
+        if dom is None or not stores_ok(self.fg, merged, dom[0], dom[1], self.roots, self.reads):
             return False
-        if self.creates_cycle(set(names)):
+        if self.creates_cycle(merged):
             return False
         for n in self.members[b]:
             self.group_of[n] = a
-        self.members[a] = sorted(names, key=lambda n: self.fg.node(n).index)
+        self.members[a] = sorted(names, key=lambda n: op[n].index)
         del self.members[b]
         return True
 
