@@ -18,7 +18,7 @@
 #     S: GPU tests alone, the fmad cost, AdamW fuse-only (next session's first call);
 #     T: (s7) GPU tests alone, then offload at 25%/50% with the link backlog known (gated prefetch, and the old
 #     one-expert prefetch), the fixed strategies beside; U: GPU tests, fuzzer, bench/gpu.py after --fmad=true;
-#     V: AdamW step, zoo
+#     V: GPU tests, masked_softmax, AdamW step; W: zoo
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -254,10 +254,16 @@ U)   # s7 call 3: GPU tests alone after --fmad=true with rounded products (fb::m
   TAIL=8 step fuzz_gpu 100 python3 bench/fuzz_gpu.py --seconds 80 --seed 141 --log "$OUT/fuzz_141.cases.txt"
   TAIL=30 step gpu_bench 170 python3 bench/gpu.py --out "$OUT/gpu.json"
   ;;
-V)   # s7 call 4: the AdamW step (cold compile after this session's compile-time work), the zoo at bench size
+V)   # s7 call 4: GPU tests on the final code (MulExact, the compile-time work), masked_softmax with MulExact,
+     # the AdamW step (cold compile after this session's compile-time work)
+  step gpu_tests 280 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
+  TAIL=4 step gpu_softmax 40 python3 bench/gpu.py --only masked_softmax --out "$OUT/gpu_softmax.json"
   TAIL=12 step optimizer 70 python3 bench/optimizer.py --device cuda --n 200 --opt adamw --backends fuse \
     --max-s 10 --steps-check 10
-  TAIL=30 step zoo 260 python3 bench/zoo.py --size bench --dtype bfloat16 --out "$OUT/zoo.json"
+  ;;
+W)   # s7 call 5, right after V (warm): the zoo at bench size, bf16, time-boxed
+  TAIL=30 step zoo ${ZOO_S:-250} python3 bench/zoo.py --size bench --dtype bfloat16 --out "$OUT/zoo.json"
   ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \
