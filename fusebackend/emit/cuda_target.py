@@ -32,6 +32,15 @@ WARP_ROW_MAX = 1024         # rows this short run one per warp (no block barrier
 WARP_ROWS_PER_BLOCK = 4     # warps (rows) per block in the warp shape
 BLOCK_BOUND = 1024          # __launch_bounds__ of block-per-row kernels that hold nothing in registers
 SMEM_CACHE_MAX = 160 * 1024 # dynamic shared memory for a cached row (the runtime checks the device's limit)
+# Tiled pointwise kernels (cuda_tiled.py): a transpose through TILE x TILE shared tiles. 32 = a warp's lanes,
+# so each phase's warp access is one 128-byte line for float32. A side shorter than TILE_MIN leaves most lanes
+# of one phase idle and the plain walk then wastes little (its strided side spans < 32 distinct rows), so the
+# barriers and shared-memory round trip would not pay. 256 threads: 8 rows a pass, 4 elements per thread per
+# tile, as Triton's 2-D transposes; at most TILE_MAX_STAGED inputs go through tiles (8.4 KB each at 8 bytes).
+TILE = 32
+TILE_MIN = 32
+TILE_THREADS = 256
+TILE_MAX_STAGED = 4
 
 
 def vec_width(b: ExprBuilder, inner, nbytes: int | None = None) -> int:

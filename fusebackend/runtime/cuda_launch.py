@@ -65,6 +65,15 @@ def plan_launch(spec, meta, dev: DeviceInfo, occupancy=None):
         threads = max(32, min(int(hints.get("threads", 256)), tmax, _round_up(chunks, 32)))
         smem = 0
         need = -(-chunks // threads)
+    elif shape == "tiled":
+        # a grid-stride loop over tiles (emit/cuda_tiled.py): the other dims times the tiles of the A and B runs
+        tile, A, B = int(hints["tile"]), hints["a_dims"], hints["b_dims"]
+        LA, LB = math.prod(sizes[d] for d in A), math.prod(sizes[d] for d in B)
+        rest = math.prod(s for d, s in enumerate(sizes) if d not in A and d not in B)
+        need = rest * -(-LA // tile) * -(-LB // tile)
+        if need == 0:
+            return None
+        threads, smem = min(int(hints.get("threads", 256)), tmax), int(hints.get("smem", 0))
     else:
         rdims = set(spec.reduce_dims)
         O = math.prod(s for d, s in enumerate(sizes) if d not in rdims)
@@ -96,7 +105,7 @@ def plan_launch(spec, meta, dev: DeviceInfo, occupancy=None):
     if per_sm <= 0:
         raise LayoutMismatch("kernel cannot be resident with %d threads and %d bytes of shared memory"
                              % (threads, smem))
-    waves = PW_WAVES if shape == "pointwise" else (ROW_WAVES if shape == "row_block" else 1)
+    waves = PW_WAVES if shape in ("pointwise", "tiled") else (ROW_WAVES if shape == "row_block" else 1)
     grid = max(1, min(MAX_GRID, min(need, dev.sm_count * per_sm * waves) if waves > 0 else need))
     return grid, threads, smem
 
