@@ -18,7 +18,7 @@
 #     S: GPU tests alone, the fmad cost, AdamW fuse-only (next session's first call);
 #     T: (s7) GPU tests alone, then offload at 25%/50% with the link backlog known (gated prefetch, and the old
 #     one-expert prefetch), the fixed strategies beside; U: GPU tests, fuzzer, bench/gpu.py after --fmad=true;
-#     V: GPU tests, masked_softmax, AdamW step; W: zoo
+#     V: GPU tests, masked_softmax, AdamW step; W: zoo; X: (next session) GPU tests, fuzz, transpose, zoo rows
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -264,6 +264,16 @@ V)   # s7 call 4: GPU tests on the final code (MulExact, the compile-time work),
   ;;
 W)   # s7 call 5, right after V (warm): the zoo at bench size, bf16, time-boxed
   TAIL=30 step zoo ${ZOO_S:-250} python3 bench/zoo.py --size bench --dtype bfloat16 --out "$OUT/zoo.json"
+  ;;
+X)   # next session's first call: GPU tests on 2e36696+ (the tiled transpose kernels and the per-call path have not run
+     # on a GPU), a fuzzer, the transpose anchors, the two zoo models they target, the zoo models s7 did not reach
+  step gpu_tests 280 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
+  TAIL=8 step fuzz_gpu 70 python3 bench/fuzz_gpu.py --seconds 55 --seed 151 --log "$OUT/fuzz_151.cases.txt"
+  TAIL=12 step transpose 40 python3 bench/transpose.py
+  TAIL=6 step zoo_cnn 45 python3 bench/zoo.py --size bench --dtype bfloat16 --only small_cnn --out "$OUT/zoo_cnn.json"
+  TAIL=6 step zoo_attn 45 python3 bench/zoo.py --size bench --dtype bfloat16 --only eager_attn --out "$OUT/zoo_attn.json"
+  TAIL=12 step zoo_bert 60 python3 bench/zoo.py --size bench --dtype bfloat16 --only bert --out "$OUT/zoo_bert.json"
   ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \
