@@ -175,6 +175,10 @@ class Outputs:
         self.mode = self.pool.mode if self.pool is not None and not self.own else ("each" if self.pool is None
                                                                                       else "mixed")
 
+    def layouts(self) -> list:
+        """(sizes, strides) of each output, as every call makes them: read off one call's tensors."""
+        return [(tuple(t.shape), t.stride()) for t in self()[0]]
+
     def __call__(self):
         if self.pool is None:
             empty = empty_strided_for(self.device)

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import re
 
 import torch
 
 from ..graph.fusion_graph import Ref
+from .alloc import empty_strided_for
+from .symbols import _FUNCS as _SYM_FUNCS
 
 
 def resolver(value):
@@ -168,23 +171,59 @@ class DynamicKernelStep(KernelStep):
     """A kernel over symbolic sizes, or reading symbolic ints: sizes, output shapes, the scalar arguments and
     the meta array are evaluated every call."""
 
+    MEMO = 64         # settled launches kept per step (token counts of an MoE expert: a few dozen at most)
+
     def __init__(self, spec, launch, out_metas, device, symbol_eval):
         super().__init__(spec, launch, out_metas, device)
         self.sym = symbol_eval
         self.scalars = [resolver(r) for r in getattr(spec, "scalars", ())]
+        # the symbols the output layouts and the domain read: with the inputs' sizes and strides and the
+        # scalars they determine everything build_meta computes, so a call that repeats them reuses its result
+        dims = [d for shape, stride, _ in self.out_alloc for d in (*shape, *stride)] + list(spec.domain)
+        self.needed = sorted({w for d in dims if not isinstance(d, int) for w in re.findall(r"[A-Za-z_]\w*", d)}
+                             - set(_SYM_FUNCS))
+        self.memo: dict = {}      # key -> (output allocs, packed meta, fast launch or None)
 
     def __call__(self, env):
         values = self.sym.values(env)
         ins = [r(env) for r in self.ins]
-        outs = []
-        for shape, stride, dt in self.out_alloc:
-            shape = self.sym.dims(shape, values)
-            outs.append(torch.empty_strided(shape, self.sym.dims(stride, values), dtype=dt, device=self.device))
-        scalars = [int(r(env)) for r in self.scalars]
-        meta = self.build_meta(ins + outs, self.sym.dims(self.spec.domain, values), scalars)
-        self.launch(ins + outs, meta)
+        scalars = tuple(int(r(env)) for r in self.scalars)
+        key = (tuple(values[n] for n in self.needed), tuple((t.shape, t.stride()) for t in ins), scalars)
+        hit = self.memo.get(key)
+        if hit is None:
+            hit = self._settle_call(ins, values, scalars)
+            if len(self.memo) >= self.MEMO:
+                self.memo.clear()
+            self.memo[key] = hit
+        allocs, meta, fast = hit
+        empty = empty_strided_for(self.device)
+        outs = [empty(s, st, dt) for s, st, dt in allocs]
+        if fast is None:
+            self.launch(ins + outs, meta)
+        else:                    # launch_ext's C call: it reads the operands' pointers itself
+            fast[1](fast[2], fast[3], *ins, *outs)
+            if fast[4] is not None:
+                fast[5]()
         for name, t in zip(self.out_names, outs):
             env[name] = t
+
+    def key_sources(self) -> list:
+        """Where each of `needed` comes from, for the generated code's memo key (wrapper.py): ("int",
+        placeholder) for a SymInt input, ("dim", value, item, dim) for a size read off a tensor."""
+        return [("int", self.sym.symbols[n]) if n in self.sym.symbols else ("dim",) + tuple(self.sym.sources[n])
+                for n in self.needed]
+
+    def _settle_call(self, ins, values, scalars):
+        """A call of sizes not seen before: output layouts, the checked and packed meta, how to launch."""
+        dims = self.sym.dims
+        allocs = [(dims(shape, values), dims(stride, values), dt) for shape, stride, dt in self.out_alloc]
+        outs = [torch.empty_strided(s, st, dtype=dt, device=self.device) for s, st, dt in allocs]
+        meta = self.build_meta(ins + outs, dims(self.spec.domain, values), list(scalars))
+        pack = getattr(self.launch, "pack", None)
+        meta = pack(meta) if pack else meta
+        fast = getattr(self.launch, "fast_call", None)
+        fast = fast(meta, len(ins) + len(outs)) if fast is not None and pack else None
+        return allocs, meta, fast if fast is not None and fast[0] == "ext" else None
 
 
 def cpu_launcher(lib, spec, ext=None):

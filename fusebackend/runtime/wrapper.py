@@ -27,6 +27,7 @@ from .batch import BatchKernelStep
 from .meta_check import CheckedAtenStep, MetaMismatch
 from .steps import AtenStep, DynamicKernelStep, KernelStep, LayoutMismatch
 from .views import ViewStep
+from . import wrapper_steps
 from .wrapper_plan import Plan, kernel_input
 
 
@@ -67,6 +68,11 @@ class _Writer:
         self.local_of: dict = {}
         self.lines: list = []
         self.kernel_made = set()       # values our own kernels allocated (their strides, offset 0)
+        # name -> (sizes, strides) the value has on every call, known when the text is written: what our kernels
+        # and batches allocate, and views of those made without a check (their sizes and strides are ours)
+        self.layout: dict = {}
+        # bases of planned views: such a view past its check has a known layout, so its own views need none
+        self.view_bases = {st.base_name for st in program.steps if type(st) is ViewStep and st.base_item is None}
         self.defined = set()           # values bound to a local at the current point of the text
         # outputs, values whose sizes give a data-dependent symbol, and a symbol's placeholder (read by size
         # evaluation): never deleted
@@ -159,6 +165,9 @@ class _Writer:
     def step(self, i, s) -> bool:
         t = type(s)
         self.emit("# %d %s" % (i, _label(s)))
+        if not (t in (KernelStep, BatchKernelStep, ViewStep) or self.plan._reads_only(s)):
+            for n in self.p.reads[i]:          # it may change a tensor's metadata in place (set_, resize_)
+                self.layout.pop(n, None)
         if t is AtenStep:
             self.aten(s)
         elif t is CheckedAtenStep:             # its checks read the step's state each call (tests change it)
@@ -170,12 +179,13 @@ class _Writer:
         elif t is KernelStep and s.meta is not None:
             self.kernel(s)
         elif t is BatchKernelStep and s.plan is not None and s.plan is not False:
-            outs = "".join(self.local(n) + ", " for n in s.out_names)
-            self.emit("%s%s.run([%s])" % (outs + "= " if outs else "", self.const(s, "s"),
-                                          ", ".join(self.expr(r) for r in s.in_refs)))
+            wrapper_steps.batch(self, s)
+            self.layout.update(zip(s.out_names, s.outputs.layouts()))
         elif getattr(s, "kind", None) == "fallback" and all(type(a) is AtenStep for a in s.steps):
             for a in s.steps:
                 self.aten(a)
+        elif t is DynamicKernelStep and wrapper_steps.dynamic(self, i, s):
+            pass
         elif t in (KernelStep, DynamicKernelStep, BatchKernelStep) or getattr(s, "kind", None) == "fallback":
             self.emit("_i = %d" % i)
             self.generic(s, self.p.reads[i], writes(s))
@@ -193,16 +203,16 @@ class _Writer:
             for k, x in s.node_kwargs.items()]
         self.emit("%s = %s(%s)" % (out, self.const(s.call, "op"), ", ".join(args)))
 
-    def generic(self, s, reads, outs):
+    def generic(self, s, reads, outs, depth=2):
         """Calls the step object over a dict of the values it reads; its outputs come back as locals."""
         sym = getattr(s, "sym", None)
         if sym is not None:                    # a symbolic size reads its placeholder or its source
             reads = set(reads) | set(sym.symbols.values()) | {src[0] for src in sym.sources.values()}
         names = sorted(n for n in reads if n in self.defined)
-        self.emit("_e = {%s}" % ", ".join("%r: %s" % (n, self.local(n)) for n in names))
-        self.emit("%s(_e)" % self.const(s, "s"))
+        self.emit("_e = {%s}" % ", ".join("%r: %s" % (n, self.local(n)) for n in names), depth)
+        self.emit("%s(_e)" % self.const(s, "s"), depth)
         for n in outs:
-            self.emit("%s = _e[%r]" % (self.local(n), n))
+            self.emit("%s = _e[%r]" % (self.local(n), n), depth)
 
     def view(self, i, s):
         plan, name = self.plan, s.name
@@ -224,6 +234,16 @@ class _Writer:
                 self.emit(addr % holder)
             else:
                 self.emit("%s = %s" % (out, self.alias(name, holder, sizes, strides, delta)))
+            if not elided:
+                self.layout[name] = (sizes, strides)
+            return
+        if s.base_item is None and self.layout.get(s.base_name) == (tuple(s.plan[0]), tuple(s.plan[1])):
+            # the base has the layout the plan was recorded for on every call: no check
+            if elided:
+                self.emit(addr % base)
+            else:
+                self.emit("%s = %s" % (out, self.alias(name, base, sizes, strides, delta)))
+                self.layout[name] = (sizes, strides)
             return
         b = base if s.base_item is None else "_b"
         if s.base_item is not None:
@@ -234,9 +254,12 @@ class _Writer:
         else:
             self.emit("%s = %s" % (out, self.alias(name, b, sizes, strides, delta)), 3)
         self.emit("else:                      # another layout: the step's ops, as the interpreter runs them")
-        if elided:                             # addresses derived from it would be wrong: the loop goes on
+        # addresses derived from it would be wrong, or the views of it are written unchecked: the loop goes on
+        if elided or name in self.view_bases:
             self.emit("_i = %d" % i, 3)
             self.emit("raise _Relayout()", 3)
+            if not elided:
+                self.layout[name] = (sizes, strides)
         else:
             self.emit("%s = %s.run(%s)" % (out, obj, base), 3)
 
@@ -303,6 +326,7 @@ class _Writer:
                 self.emit("%s = %s(%r, %r, %s) if _own_empty else %s"
                           % (out, self.const(fast, "empty"), tuple(shape), tuple(stride), dt, slow))
             self.kernel_made.add(name)
+            self.layout[name] = (tuple(shape), tuple(stride))
 
 
 _REINTERPRET = getattr(getattr(getattr(torch._C, "_dynamo", None), "guards", None), "_reinterpret_tensor", None)
