@@ -18,6 +18,7 @@ from fusebackend.options import FuseOptions
 from fusebackend.passes import plan_groups
 from fusebackend.passes.pattern_moe_layer import find_moe_layers
 from fusebackend.passes.patterns import find_patterns
+from fusebackend.passes.sentinel_masks import drop_impossible_masks
 from fusebackend.passes.placement_moe import rewrite_layer
 from fusebackend.runtime import build_program
 
@@ -32,6 +33,7 @@ def _compile(model, x, seen, rewrite=True):
 
     def comp(gm, example_inputs):
         fg = lower(gm)
+        drop_impossible_masks(fg)      # as the pipeline does first (moe_rewrite): transformers 5.17's masks
         layers = find_moe_layers(fg, find_patterns(fg))
         seen.append((fg, layers))
         if rewrite:

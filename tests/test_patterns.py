@@ -18,6 +18,7 @@ from torch import nn
 
 from fusebackend.graph import FusionGraph
 from fusebackend.passes.patterns import find_patterns
+from fusebackend.passes.sentinel_masks import drop_impossible_masks
 from placement_graphs import TINY, trace_graphs, tiny_hf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,7 +46,9 @@ def traced(key):
 
 
 def found(graphs):
-    return [(fg, find_patterns(fg)) for fg in graphs]
+    """Patterns as the pipeline finds them (passes/moe_rewrite.py, capture/placement.py): after the masks
+    that can never be true are dropped (transformers 5.17 masks every grouped product with one)."""
+    return [(fg, (drop_impossible_masks(fg), find_patterns(fg))[1]) for fg in graphs]
 
 
 def ops_of(fg, nodes, skip=("view", "_unsafe_view", "permute", "unsqueeze", "squeeze", "slice", "alias",
