@@ -18,7 +18,8 @@
 #     S: GPU tests alone, the fmad cost, AdamW fuse-only (next session's first call);
 #     T: (s7) GPU tests alone, then offload at 25%/50% with the link backlog known (gated prefetch, and the old
 #     one-expert prefetch), the fixed strategies beside; U: GPU tests, fuzzer, bench/gpu.py after --fmad=true;
-#     V: GPU tests, masked_softmax, AdamW step; W: zoo; X: (next session) GPU tests, fuzz, transpose, zoo rows
+#     V: GPU tests, masked_softmax, AdamW step; W: zoo; X: (next session) GPU tests, fuzz, transpose, zoo rows;
+#     Y: (next session) offload at 100% and with accelerate, HF generate
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -274,6 +275,16 @@ X)   # next session's first call: GPU tests on 2e36696+ (the tiled transpose ker
   TAIL=6 step zoo_cnn 45 python3 bench/zoo.py --size bench --dtype bfloat16 --only small_cnn --out "$OUT/zoo_cnn.json"
   TAIL=6 step zoo_attn 45 python3 bench/zoo.py --size bench --dtype bfloat16 --only eager_attn --out "$OUT/zoo_attn.json"
   TAIL=12 step zoo_bert 60 python3 bench/zoo.py --size bench --dtype bfloat16 --only bert --out "$OUT/zoo_bert.json"
+  ;;
+Y)   # next session's second call (issue 13): the 100% budget beside all-GPU, accelerate in the 25% table,
+     # Mixtral and Qwen2-MoE generate with a budget against accelerate
+  TAIL=30 step offload_full 110 python3 bench/offload.py --budgets 1 --strategies gpu_all,pinned,fuse \
+    --time-limit 95 --cell-limit 8 --out "$OUT/offload_full"
+  TAIL=40 step offload_acc 200 python3 bench/offload.py --budgets 0.25 \
+    --strategies gpu_all,accelerate,pinned,cpu_nonres,static_split,fuse --time-limit 180 --cell-limit 10 \
+    --out "$OUT/offload_acc"
+  FUSEBACKEND_MOE_TRACE=2 TAIL=40 step hf_generate 170 python3 bench/hf_generate.py --models qwen2_moe mixtral \
+    --shares 0.25 --new 16 --reps 2 --time-box 38 --strategies eager accelerate fuse_budget --out "$OUT/hf_generate"
   ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \
