@@ -1,120 +1,12 @@
 """The hybrid MoE layer (runtime/hybrid_moe.py): the whole layer on the CPU through a stand-in for the CUDA calls
 (same orchestration code, no streams), and on a real GPU (`pytest -m gpu`). Its pure parts: test_hybrid_plan.py."""
-import contextlib
-from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from fusebackend.runtime import cpu_worker as cw
 from fusebackend.runtime import hybrid_moe as hm
-from fusebackend.runtime import hybrid_plan as hp
 from fusebackend.runtime.cost_correction import CostCorrection
-
-
-# ---------------------------------------------------------------- helpers
-def make_experts(E, H, Fn, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mk = lambda *s: (torch.randn(*s, generator=g) * s[-1] ** -0.5).to(dtype)   # noqa: E731
-    return [(mk(Fn, H), mk(Fn, H), mk(H, Fn)) for _ in range(E)]
-
-
-def make_routing(T, E, k, seed=1, force=()):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(T, E, generator=g)
-    for t, e in enumerate(force):           # token t is routed to expert e first
-        logits[t, e] = 100.0
-    w, idx = logits.softmax(-1).topk(k, dim=-1)
-    return idx, w / w.sum(-1, keepdim=True)
-
-
-def eager_moe(x, idx, w, experts):
-    """The HF 5.x eager loop (MixtralExperts.forward), in x's dtype."""
-    out = torch.zeros_like(x)
-    for e, (g, u, d) in enumerate(experts):
-        tok, slot = torch.where(idx == e)
-        if tok.numel():
-            y = F.linear(F.silu(F.linear(x[tok], g)) * F.linear(x[tok], u), d)
-            out.index_add_(0, tok, (y * w[tok, slot, None].to(x.dtype)).to(out.dtype))
-    return out
-
-
-def assert_like_eager(out, x, idx, w, experts, factor=2.0):
-    eager = eager_moe(x, idx, w, experts)
-    assert out.shape == eager.shape and out.dtype == eager.dtype
-    if x.dtype == torch.float32:
-        scale = eager.abs().max().item()
-        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6 * max(1.0, scale))
-        return
-    to64 = lambda ws: [tuple(t.double().cpu() for t in e) for e in ws]          # noqa: E731
-    ref = eager_moe(x.double().cpu(), idx.cpu(), w.double().cpu(), to64(experts))
-    scale = ref.abs().max().item()
-    mine = (out.double().cpu() - ref).abs().max().item() / scale
-    theirs = (eager.double().cpu() - ref).abs().max().item() / scale
-    assert mine <= factor * max(theirs, torch.finfo(x.dtype).eps), (mine, theirs)
-
-
-class Forced:
-    """A fake scheduler: resident experts stay resident; the split expert is split; the others go where told."""
-
-    def __init__(self, default="cpu", cpu=(), streamed=(), split=None):
-        self.default, self.cpu, self.streamed, self.split, self.seen = default, set(cpu), set(streamed), split, []
-        self.busy = []
-
-    def __call__(self, profile, experts, hidden, ffn, dtype, allow_split=True, link_busy_s=0.0):
-        self.seen.append(list(experts))
-        self.busy.append(link_busy_s)
-        d = SimpleNamespace(cpu=[], streamed=[], resident=[], split=None, predicted_s=1e-3, cpu_s=5e-4,
-                            link_s=6e-4, gpu_s=1e-4)
-        for e, _, res in experts:
-            if self.split and e == self.split[0] and not res:
-                d.split = self.split
-            else:
-                where = "resident" if res else "cpu" if e in self.cpu else "streamed" if e in self.streamed \
-                    else self.default
-                getattr(d, where).append(e)
-        return d
-
-
-class _Ev:
-    def record(self, stream=None): pass
-    def synchronize(self): pass
-    def query(self): return True
-    def elapsed_time(self, other): return 0.0
-
-
-class _Stream:
-    def wait_event(self, ev): pass
-    def wait_stream(self, s): pass
-
-
-class SimApi(cw.CudaApi):
-    """CudaApi's calls on the CPU: device buffers start as NaN, so a read of an unfilled slot shows."""
-    simulated = True
-
-    def __init__(self):
-        self.device, self.copies2d, self.pinned_tensors = torch.device("cpu"), 0, []
-
-    def current_stream(self): return _Stream()
-    def new_stream(self): return _Stream()
-    def stream(self, s): return contextlib.nullcontext()
-    def event(self, timing=False): return _Ev()
-    def empty(self, shape, dtype): return torch.full(shape, float("nan"), dtype=dtype)
-    def pinned(self, shape, dtype): return torch.empty(shape, dtype=dtype)
-    def pin(self, t): self.pinned_tensors.append(t); return t
-    def unpin(self, t): self.pinned_tensors[:] = [p for p in self.pinned_tensors if p is not t]   # by identity
-    def record_stream(self, t, s): pass
-    def can_copy2d(self): return True
-
-    def copy2d(self, dst, src, stream):
-        assert src.stride(1) == 1 and src.stride(0) > src.shape[1] and dst.is_contiguous()
-        self.copies2d += 1
-        dst.copy_(src)
-
-
-def sim_layer(experts, **kw):
-    return hm.HybridMoELayer(experts, api=SimApi(), **kw)
+from hybrid_sim import _Ev, assert_like_eager, Forced, make_experts, make_routing, sim_layer, SimApi  # noqa: E402
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
@@ -183,38 +75,6 @@ def test_sim_prefetch_is_seen_as_resident_and_not_copied_again():
     assert flags[3] and flags[4] and flags[0]                       # staged experts count as resident
     streamed_now = [e for e, _, res in sched.seen[-1] if not res]
     assert layer.pool.book.misses - misses == len(streamed_now)     # only the others were copied
-
-
-class InFlightApi(SimApi):
-    """Copies never complete: the copy stream's backlog stays as queued."""
-
-    def event(self, timing=False):
-        class Ev(_Ev):
-            def query(self): return False
-        return Ev()
-
-
-def test_sim_a_prefetch_in_flight_is_the_next_calls_link_backlog(monkeypatch):
-    from fusebackend.passes.cost_model import expert_terms
-    from fusebackend.passes.hardware_profile import reference_h200
-    # the backlog is the host clock's distance to the copies' expected end: a stopped clock makes it exact
-    # (on a loaded box the walk from one assert to the next took longer than any tolerance)
-    monkeypatch.setattr(cw, "time", SimpleNamespace(perf_counter=lambda: 1000.0))
-    experts = make_experts(6, 16, 32, torch.float32)
-    prof = reference_h200().replace(h2d_bw=1e6)                    # a slow link: a fill takes ~6 ms here
-    one = expert_terms(prof, 16, 32, torch.float32).transfer()
-    x = torch.randn(12, 16)
-    idx, w = make_routing(12, 6, 2, force=[3, 4])
-    for api, fill in ((SimApi(), 0.0), (InFlightApi(), one)):     # done copies leave no backlog
-        sched = Forced("streamed")
-        layer = hm.HybridMoELayer(experts, api=api, scheduler=sched, resident=[0], profile=prof, learn=False)
-        assert layer.pool.backlog_s() == pytest.approx(fill, abs=1e-9)       # expert 0's load rides the link
-        assert layer.prefetch([3]) == [3]
-        assert_like_eager(layer(x, idx, w), x, idx, w, experts)
-        assert sched.busy[-1] == pytest.approx(2 * fill, abs=1e-9)
-        n_streamed = len([e for e, _, res in sched.seen[-1] if not res])
-        # the call's own fills queued behind the load and the prefetch
-        assert layer.pool.backlog_s() == pytest.approx((2 + n_streamed) * fill, abs=1e-9)
 
 
 def test_sim_with_the_cost_model_deciding_as_for_mixtral_experts():
@@ -385,34 +245,6 @@ def test_sim_all_resident_fast_path_skips_the_scheduler_and_the_host_round_trip(
     idx3 = torch.tensor([[0, 5], [2, 0]])
     assert_like_eager(part(x[:2], idx3, w2), x[:2], idx3, w2, experts)
     assert len(sched.seen) == 1
-
-
-def test_likely_offers_only_experts_worth_prefetching():
-    experts = make_experts(8, 16, 32, torch.float32)
-    layer = sim_layer(experts, scheduler=Forced("cpu"), resident=[0, 1])
-    zipf = [1.0 / (j + 1) for j in range(8)]
-    layer.score = [z / sum(zipf) for z in zipf]
-    layer._last_k = 2
-    assert layer.likely(1, tokens=1) == []                           # expert 2 is routed ~1 call in 4
-    assert layer.likely(1, tokens=4) == [2] and layer.likely(2, tokens=64) == [2, 3]
-    assert layer.likely(1, tokens=1, min_prob=0.0) == [2]            # the old behaviour on request
-
-
-def test_prefetch_with_a_deadline_copies_only_what_pays():
-    import time
-    from fusebackend.passes.hardware_profile import reference_h200
-    experts = make_experts(8, 16, 32, torch.float32)
-    prof = reference_h200().replace(h2d_bw=1e6)                       # one fill ~6 ms
-    zipf = [1.0 / (j + 1) for j in range(8)]
-    for until, want in ((None, [2, 3]), (0.0, []), (1.0, [2, 3])):   # no deadline / none left / a whole second
-        layer = hm.HybridMoELayer(experts, api=SimApi(), scheduler=Forced("cpu"), resident=[0, 1], profile=prof,
-                                  learn=False)
-        layer.score, layer._last_k, layer._last_tokens = [z / sum(zipf) for z in zipf], 2, 4
-        deadline = None if until is None else time.perf_counter() + until
-        assert layer.prefetch(layer.likely(2, min_prob=0.0), until=deadline) == want
-    # an idle window of half a fill: worth it for a likely expert only (gain = p/2 - (1-p)/2)
-    assert hp.prefetch_gain(0.9, 3e-3, 6e-3) > 0 > hp.prefetch_gain(0.4, 3e-3, 6e-3)
-    assert hp.prefetch_gain(0.1, 7e-3, 6e-3) == pytest.approx(0.1 * 6e-3)  # all of it free: any chance pays
 
 
 @pytest.mark.gpu

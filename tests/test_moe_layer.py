@@ -149,7 +149,7 @@ def test_hf_grouped_layers_become_one_op_each_and_match_eager(family):
 def test_bound_layers_run_the_hybrid_schedule_and_match_the_formula():
     """The runtime binding (runtime/placed_moe.py) on the simulated CUDA API of test_hybrid_moe: two layers
     sharing one staging pool and one correction, the second prefetched while the first runs."""
-    from test_hybrid_moe import SimApi, make_experts
+    from hybrid_sim import SimApi, make_experts
     from fusebackend.passes.hardware_profile import reference_h200
     from fusebackend.runtime.placed_moe import ModelMoE, bind
     torch.manual_seed(1)
@@ -200,7 +200,7 @@ def test_graphs_of_one_model_share_the_hybrid_layer_of_the_same_experts():
     """HF generate compiles a prefill and decode graphs; each has its own moe_experts op for the same layer.
     They must run one HybridMoELayer (one set of resident copies under the budget, one popularity score): the
     decode graphs' plans found the budget held by the prefill graph's resident experts and homed none."""
-    from test_hybrid_moe import SimApi, make_experts
+    from hybrid_sim import SimApi, make_experts
     from fusebackend.passes.hardware_profile import reference_h200
     from fusebackend.runtime.placed_moe import ModelMoE, bind
     torch.manual_seed(2)
