@@ -17,9 +17,9 @@ class PendingKernels:
     """Kernels emitted and compiling on a thread pool: the caller may work meanwhile (compile_graph encodes
     the program cache entry), then finish_kernels waits. rep.specs is already set."""
 
-    def __init__(self, groups, opts, rep, specs, pool, futures, extra):
+    def __init__(self, groups, opts, rep, specs, pool, futures):
         self.groups, self.opts, self.rep, self.specs = groups, opts, rep, specs
-        self.pool, self.futures, self.extra = pool, futures, extra
+        self.pool, self.futures = pool, futures      # the pool also runs the first-call builds: shutdown waits
 
 
 def start_kernels(fg, groups, opts, rep, batches=()) -> PendingKernels:
@@ -52,12 +52,13 @@ def start_kernels(fg, groups, opts, rep, batches=()) -> PendingKernels:
     pool = ThreadPoolExecutor(max_workers=max(1, min(threads, len(unique) + len(jobs) or 1)))
     try:
         futures = [pool.submit(build, spec) for spec in unique.values()]
-        extra = [pool.submit(_quiet, job) for job in jobs]
+        for job in jobs:
+            pool.submit(_quiet, job)
     except BaseException:
         pool.shutdown(wait=True)
         progress.done()
         raise
-    return PendingKernels(groups, opts, rep, specs, pool, futures, extra)
+    return PendingKernels(groups, opts, rep, specs, pool, futures)
 
 
 def finish_kernels(p: PendingKernels) -> dict:

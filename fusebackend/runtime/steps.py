@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import re
 
 import torch
 
 from ..graph.fusion_graph import Ref
 from .alloc import empty_strided_for
-from .symbols import _FUNCS as _SYM_FUNCS
+from .symbols import names_in
 
 
 def resolver(value):
@@ -180,8 +179,7 @@ class DynamicKernelStep(KernelStep):
         # the symbols the output layouts and the domain read: with the inputs' sizes and strides and the
         # scalars they determine everything build_meta computes, so a call that repeats them reuses its result
         dims = [d for shape, stride, _ in self.out_alloc for d in (*shape, *stride)] + list(spec.domain)
-        self.needed = sorted({w for d in dims if not isinstance(d, int) for w in re.findall(r"[A-Za-z_]\w*", d)}
-                             - set(_SYM_FUNCS))
+        self.needed = sorted(set().union(*map(names_in, dims)))
         self.memo: dict = {}      # key -> (output allocs, packed meta, fast launch or None)
 
     def __call__(self, env):

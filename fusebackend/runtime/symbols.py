@@ -7,6 +7,11 @@ _SAFE = re.compile(r"^[\w\s\*\+\-\(\),]+$")
 _FUNCS = {"Max": max, "Min": min}             # sympy's spelling in size expressions
 
 
+def names_in(dim) -> set:
+    """The symbols a dim's text reads (its functions aside); none for an int."""
+    return set() if isinstance(dim, int) else set(re.findall(r"[A-Za-z_]\w*", dim)) - set(_FUNCS)
+
+
 class _Values(dict):
     """Symbol values, each read from the environment when first needed (later values may not exist yet)."""
 
@@ -37,8 +42,7 @@ class SymbolEval:
     def can_eval(self, dim) -> bool:
         if isinstance(dim, int):
             return True
-        names = set(re.findall(r"[A-Za-z_]\w*", dim))
-        return bool(_SAFE.match(dim)) and names <= set(self.symbols) | set(self.sources) | set(_FUNCS)
+        return bool(_SAFE.match(dim)) and names_in(dim) <= set(self.symbols) | set(self.sources)
 
     def values(self, env) -> dict:
         return _Values(self, env)

@@ -311,22 +311,26 @@ class _Writer:
         outputs live (KernelStep.new_outputs is the interpreter's). While torch.empty_strided is torch's own,
         its C++ fast path for the device type allocates (as in Inductor's wrapper: no dispatcher, no argument
         parsing); a replaced one (a test injecting OOM, a memory tracker) is called instead."""
-        dev = self.const(s.device, "dev")
-        fast = FAST_EMPTY.get(s.device.type) if s.device.index is None else None
         for out, name, (shape, stride, dtype) in zip(outs, s.out_names, s.out_alloc):
             view = self.plan.alloc_as.get(name)
             if view is not None:
                 shape, stride = self.plan.view_of[view].plan[2:4]
-            dt = self.const(dtype, "dt")
-            slow = "torch.empty_strided(%r, %r, dtype=%s, device=%s)" % (tuple(shape), tuple(stride), dt, dev)
-            if fast is None:
-                self.emit("%s = %s" % (out, slow))
-            else:
-                self.fast_alloc = True
-                self.emit("%s = %s(%r, %r, %s) if _own_empty else %s"
-                          % (out, self.const(fast, "empty"), tuple(shape), tuple(stride), dt, slow))
+            self.alloc(out, s.device, repr(tuple(shape)), repr(tuple(stride)), dtype)
             self.kernel_made.add(name)
             self.layout[name] = (tuple(shape), tuple(stride))
+
+    def alloc(self, out, device, shape: str, stride: str, dtype, depth=2):
+        """`out = ` one fresh tensor (shape, stride: their text): torch's C++ fast path for the device type
+        while torch.empty_strided is torch's own, else torch.empty_strided itself."""
+        dt, dev = self.const(dtype, "dt"), self.const(device, "dev")
+        fast = FAST_EMPTY.get(device.type) if device.index is None else None
+        slow = "torch.empty_strided(%s, %s, dtype=%s, device=%s)" % (shape, stride, dt, dev)
+        if fast is None:
+            self.emit("%s = %s" % (out, slow), depth)
+        else:
+            self.fast_alloc = True
+            self.emit("%s = %s(%s, %s, %s) if _own_empty else %s"
+                      % (out, self.const(fast, "empty"), shape, stride, dt, slow), depth)
 
 
 _REINTERPRET = getattr(getattr(getattr(torch._C, "_dynamo", None), "guards", None), "_reinterpret_tensor", None)

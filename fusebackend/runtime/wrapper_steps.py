@@ -3,7 +3,6 @@ in Python: a kernel over symbolic sizes (DynamicKernelStep's memo, read inline) 
 (its outputs allocated and its C driver called inline). `self` is wrapper._Writer."""
 from __future__ import annotations
 
-from .alloc import FAST_EMPTY
 from .cpu_batch import CpuBatch
 
 
@@ -27,18 +26,9 @@ def dynamic(self, i, s) -> bool:
     self.emit("if _h is None or _h[2] is None:    # sizes not seen before: the step settles them")
     self.generic(s, self.p.reads[i], list(s.out_names), 3)
     self.emit("else:")
-    dev = self.const(s.device, "dev")
-    fast = FAST_EMPTY.get(s.device.type) if s.device.index is None else None
     outs = [self.local(n) for n in s.out_names]
     for k, (out, (_, _, dtype)) in enumerate(zip(outs, s.out_alloc)):
-        dt, a = self.const(dtype, "dt"), "_h[0][%d]" % k
-        slow = "torch.empty_strided(%s[0], %s[1], dtype=%s, device=%s)" % (a, a, dt, dev)
-        if fast is None:
-            self.emit("%s = %s" % (out, slow), 3)
-        else:
-            self.fast_alloc = True
-            self.emit("%s = %s(%s[0], %s[1], %s) if _own_empty else %s"
-                      % (out, self.const(fast, "empty"), a, a, dt, slow), 3)
+        self.alloc(out, s.device, "_h[0][%d][0]" % k, "_h[0][%d][1]" % k, dtype, 3)
     self.emit("_h[2][1](_h[2][2], _h[2][3], %s)" % ", ".join(ins + outs), 3)
     if getattr(s.spec, "checks_index", False):
         self.emit("_h[2][5]()", 3)
@@ -57,7 +47,8 @@ def batch(self, s):
         self.emit("%s%s.run(%s)" % ("".join(o + ", " for o in outs) + "= " if outs else "", self.const(s, "s"), ins))
         return
     if s.outputs.pool is None:             # one tensor each: the gatherer reads their pointers
-        _alloc(self, s, outs, s.outputs.allocs)
+        for out, (shape, stride, dtype) in zip(outs, s.outputs.allocs):
+            self.alloc(out, s.device, repr(tuple(shape)), repr(tuple(stride)), dtype)
         addrs = "[%s]" % ", ".join(outs)
     else:
         self.emit("%s, _ad = %s()" % ("(%s,)" % ", ".join(outs), self.const(s.outputs, "outs")))
@@ -69,18 +60,3 @@ def batch(self, s):
     self.emit("%s.writes += 1" % self.const(plan, "cb"), 4)
     for check in plan.checks:
         self.emit("%s()" % self.const(check, "chk"))
-
-
-def _alloc(self, s, outs, allocs, depth=2):
-    """Fresh outputs of fixed layouts, through torch's C++ fast path while torch.empty_strided is its own."""
-    dev = self.const(s.device, "dev")
-    fast = FAST_EMPTY.get(s.device.type) if s.device.index is None else None
-    for out, (shape, stride, dtype) in zip(outs, allocs):
-        dt = self.const(dtype, "dt")
-        slow = "torch.empty_strided(%r, %r, dtype=%s, device=%s)" % (tuple(shape), tuple(stride), dt, dev)
-        if fast is None:
-            self.emit("%s = %s" % (out, slow), depth)
-        else:
-            self.fast_alloc = True
-            self.emit("%s = %s(%r, %r, %s) if _own_empty else %s"
-                      % (out, self.const(fast, "empty"), tuple(shape), tuple(stride), dt, slow), depth)
