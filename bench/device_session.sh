@@ -270,11 +270,15 @@ X)   # next session's first call: GPU tests on 2e36696+ (the tiled transpose ker
      # on a GPU), a fuzzer, the transpose anchors, the two zoo models they target, the zoo models s7 did not reach
   step gpu_tests 280 python3 -m pytest -q -m gpu -p no:cacheprovider tests
   grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
-  TAIL=8 step fuzz_gpu 70 python3 bench/fuzz_gpu.py --seconds 55 --seed 151 --log "$OUT/fuzz_151.cases.txt"
+  TAIL=8 step fuzz_gpu 70 python3 bench/fuzz_gpu.py --seconds 45 --seed 151 --log "$OUT/fuzz_151.cases.txt"
   TAIL=12 step transpose 40 python3 bench/transpose.py
   TAIL=6 step zoo_cnn 45 python3 bench/zoo.py --size bench --dtype bfloat16 --only small_cnn --out "$OUT/zoo_cnn.json"
   TAIL=6 step zoo_attn 45 python3 bench/zoo.py --size bench --dtype bfloat16 --only eager_attn --out "$OUT/zoo_attn.json"
-  TAIL=12 step zoo_bert 60 python3 bench/zoo.py --size bench --dtype bfloat16 --only bert --out "$OUT/zoo_bert.json"
+  TAIL=40 step ncu_rows 80 ncu --clock-control none --kernel-name regex:'fb_|triton' --section SpeedOfLight \
+    --section LaunchStats --section Occupancy --metrics dram__bytes_read.sum,dram__bytes_write.sum \
+    python3 bench/profile_gpu.py --only bf16_16k
+  grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Block Size|Grid Size" \
+    "$OUT/ncu_rows.log" | head -80
   ;;
 Y)   # next session's second call (issue 13): the 100% budget beside all-GPU, accelerate in the 25% table,
      # Mixtral and Qwen2-MoE generate with a budget against accelerate
