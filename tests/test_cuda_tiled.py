@@ -103,7 +103,10 @@ def test_transpose_source_is_the_tiled_kernel():
     spec = _run("transpose_70x45")[0]
     assert spec.launch["shape"] == "tiled" and spec.launch["a_dims"] == [1] and spec.launch["b_dims"] == [0]
     src = spec.source
-    assert "extern __shared__" in src and "fb_tile0[TR * %d + TC]" % (T.TILE + 1) in src
+    fill = "fb_tile0[(TR0 + fb_k * %d) * %d + TC] = fb_r0[fb_k];" % (T.TILE_THREADS // 32, T.TILE + 1)
+    assert "extern __shared__" in src and fill in src
+    # phase 1 loads every row of the thread into registers before the first shared store
+    assert src.index("fb_r0[fb_k] = ") < src.index(fill)
     assert "fb_tile0[TC * %d + TR]" % (T.TILE + 1) in src and src.count("__syncthreads();") >= 2
 
 
