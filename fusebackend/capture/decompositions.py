@@ -68,6 +68,28 @@ def native_layer_norm(x, normalized_shape, weight, bias, eps):
     return out, mean, rstd
 
 
+def batch_norm_inference(x, weight, bias, running_mean, running_var, momentum, eps):
+    """Inference batch norm as a per-channel affine in pointwise ops, so it fuses with the ReLU (and pool)
+    after it instead of being its own ATen pass over the tensor. In float32 for half types, rounded once, as
+    ATen's kernel computes it. The saved statistics are what eager returns on that device (unused in
+    inference: the graph drops them)."""
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    f32 = torch.float32 if x.dtype in HALF else x.dtype
+    mean = aten._to_copy.default(running_mean, dtype=f32) if running_mean.dtype != f32 else running_mean
+    var = aten._to_copy.default(running_var, dtype=f32) if running_var.dtype != f32 else running_var
+    invstd = aten.rsqrt.default(aten.add.Tensor(var, eps))
+    out = aten.mul.Tensor(aten.sub.Tensor(x, aten.view.default(mean, shape)), aten.view.default(invstd, shape))
+    if weight is not None:
+        out = aten.mul.Tensor(out, aten.view.default(weight, shape))
+    if bias is not None:
+        out = aten.add.Tensor(out, aten.view.default(bias, shape))
+    out = aten._to_copy.default(out, dtype=x.dtype) if out.dtype != x.dtype else out
+    if x.device.type == "cpu":
+        empty = aten.new_zeros.default(x, [0])
+        return out, empty, empty
+    return out, aten.clone.default(mean), invstd
+
+
 def safe_softmax(x, dim, dtype=None):
     """softmax, 0 on rows that are all -inf (SDPA's math path). Core ATen tests the rows with an `all`
     reduction and a zeros_like tensor -- a second reduction and a full-size fill; a row is all -inf exactly
@@ -112,6 +134,7 @@ def table(gemv_max_rows: int = 0, pad_matmul: bool = False) -> dict:
     d[aten.var_mean.correction] = var_mean_correction
     d[aten.native_layer_norm.default] = native_layer_norm
     d[aten._safe_softmax.default] = safe_softmax
+    d[aten._native_batch_norm_legit_no_training.default] = batch_norm_inference
     d[aten.frac.default] = frac
     mms = [decomp_outer.mm] + ([decomp_gemv.mm_decomposition(gemv_max_rows)] if gemv_max_rows > 0 else []) + \
         ([decomp_pad_mm.decomposition()] if pad_matmul else [])

@@ -6,7 +6,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from . import effects, foreach, registry, splits
+from . import effects, foreach, pools, registry, splits
 from .meta_rules import real_multi_meta
 from .fusion_graph import FusionGraph, OpNode, Ref, TensorMeta, ref_names_in
 
@@ -64,6 +64,8 @@ def _attr(gm: fx.GraphModule, target: str):
 
 
 def lower(gm: fx.GraphModule) -> FusionGraph:
+    if pools.rewrite_max_pools(gm):
+        gm.recompile()       # the module itself stays runnable (an ATen fallback runs it)
     fg = FusionGraph()
     alias: dict[str, Ref] = {}
     pieces: dict[str, list] = {}          # split node -> (view target, args) of each item (graph/splits.py)

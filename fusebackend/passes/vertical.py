@@ -259,15 +259,22 @@ class _Fuser:
             self.group_of[node.name] = gid
             self.merge_producers(node.name)
         # a view is visited before its readers: its merge upwards was refused while it still had to be
-        # written (cat -> slice -> sub: the slice joins the sub's group later); one more sweep retries
-        for node in fg.nodes():
-            if node.name in self.group_of:
-                self.merge_producers(node.name)
+        # written (cat -> slice -> sub: the slice joins the sub's group later); more sweeps retry while one
+        # merges something (a pool's row slice joins its window's group in one, the ReLU above it the next)
+        for _ in range(4):
+            changed = False
+            for node in fg.nodes():
+                if node.name in self.group_of:
+                    changed |= self.merge_producers(node.name)
+            if not changed:
+                break
         return self.build()
 
-    def merge_producers(self, name: str) -> None:
+    def merge_producers(self, name: str) -> bool:
+        """Merge `name`'s group with its producers' where one kernel can hold both; whether any merged."""
         if not self.fusable(name):
-            return
+            return False
+        merged = False
         # a merge refused as a cycle can succeed once another producer has joined (q = x * cos +
         # cat(-x2, x1) * sin: x's group and the cat's meet only in the add): retry until nothing changes
         pending = [p for p in self.fg.producers(name) if p in self.group_of and self.fusable(p)]
@@ -276,7 +283,8 @@ class _Fuser:
                     and self.group_of[p] != self.group_of[name]]
             if len(left) == len(pending):
                 break
-            pending = left
+            merged, pending = True, left
+        return merged
 
     def build(self) -> list:
         groups = []
