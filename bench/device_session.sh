@@ -19,7 +19,7 @@
 #     T: (s7) GPU tests alone, then offload at 25%/50% with the link backlog known (gated prefetch, and the old
 #     one-expert prefetch), the fixed strategies beside; U: GPU tests, fuzzer, bench/gpu.py after --fmad=true;
 #     V: GPU tests, masked_softmax, AdamW step; W: zoo; X: (next session) GPU tests, fuzz, transpose, zoo rows;
-#     Y: (next session) offload at 100% and with accelerate, HF generate
+#     Y: (next session) offload at 100% and with accelerate, HF generate; Z, Z2: (s8) the last calls
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -289,6 +289,25 @@ Y)   # next session's second call (issue 13): the 100% budget beside all-GPU, ac
     --out "$OUT/offload_acc"
   FUSEBACKEND_MOE_TRACE=2 TAIL=40 step hf_generate 170 python3 bench/hf_generate.py --models qwen2_moe mixtral \
     --shares 0.25 --new 16 --reps 2 --time-box 38 --strategies eager accelerate fuse_budget --out "$OUT/hf_generate"
+  ;;
+Z)   # s8's last call: GPU tests after the tiled kernel's batched loads, the batch-norm decomposition and the pool
+     # rewrite; the transpose anchors; small_cnn both layouts; where small_cnn and the eager-attention block spend
+     # GPU time; what limits the layer norm + GELU row kernel (ncu pipes, instruction mix, stalls)
+  step gpu_tests 280 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
+  TAIL=6 step transpose 40 python3 bench/transpose.py
+  TAIL=3 step zoo_cnn 45 python3 bench/zoo.py --size bench --dtype bfloat16 --only small_cnn --out "$OUT/zoo_cnn.json"
+  TAIL=3 step zoo_cnn_auto 45 python3 bench/zoo.py --size bench --dtype bfloat16 --only small_cnn \
+    --options '{"conv_layout": "auto"}' --out "$OUT/zoo_cnn_auto.json"
+  TAIL=30 step prof_cnn 45 python3 bench/profile_gpu.py --torch-profiler --zoo small_cnn
+  TAIL=30 step prof_attn 45 python3 bench/profile_gpu.py --torch-profiler --zoo gpt2_block_eager_attn
+  TAIL=10 step ncu_ln 70 ncu --clock-control none --kernel-name regex:fb_cu_red --launch-count 1 \
+    --section ComputeWorkloadAnalysis --section InstructionStats --section WarpStateStats --section SpeedOfLight \
+    python3 bench/profile_gpu.py --only add_layernorm_gelu_bf16
+  grep -E "Pipe|Issue|Executed Ipc|Stall|Warp Cycles|Instructions|Duration|Throughput" "$OUT/ncu_ln.log" | head -40
+  ;;
+Z2)  # right after Z (warm): the whole zoo at bench size in bf16 on the final code
+  TAIL=30 step zoo ${ZOO_S:-300} python3 bench/zoo.py --size bench --dtype bfloat16 --out "$OUT/zoo.json"
   ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \

@@ -7,6 +7,7 @@ plus ATen calls; Inductor's is the number of kernels it generated for the same f
 (torch._inductor.metrics.generated_kernel_count) plus the extern calls it leaves to ATen.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -33,6 +34,7 @@ def inductor_counts(model, inputs, cfg):
 
 
 def one(name, a, device, dtype):
+    opts = json.loads(a.options) if a.options else None
     entry = models.get(name)
     model, inputs = entry.make(size=a.size, device=device, dtype=dtype, seed=0)
     cfg = dict(getattr(entry, "dynamo_config", None) or {})
@@ -41,11 +43,11 @@ def one(name, a, device, dtype):
     with torch.no_grad():
         ref = model(*inputs)
         with torch._dynamo.config.patch(**cfg):
-            rep = fusebackend.explain(model, *inputs)
+            rep = fusebackend.explain(model, *inputs, options=opts)
         row.update(fuse_kernels=rep.num_kernels, fuse_aten=rep.num_aten_calls, fuse_graphs=rep.num_graphs)
         torch._dynamo.reset()
         with torch._dynamo.config.patch(**cfg):
-            cf = torch.compile(model, backend="fuse")
+            cf = torch.compile(model, backend="fuse", options=opts) if opts else torch.compile(model, backend="fuse")
             t0 = time.perf_counter(); out = cf(*inputs); sync()
             row["fuse_compile_s"] = time.perf_counter() - t0
         row["fuse_err"] = rel_err(out, ref)
@@ -70,6 +72,7 @@ def main():
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--save", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--options", default=None, help="fuse backend options as JSON, e.g. '{\"conv_layout\": \"auto\"}'")
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device == "cuda" else "float32"))
     torch.backends.cuda.matmul.allow_tf32 = False
