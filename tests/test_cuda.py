@@ -4,6 +4,7 @@ warm starts."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -333,6 +334,7 @@ def test_a_product_rounds_before_its_consumer_unless_it_is_exact():
     x, m = torch.randn(8, 64), torch.randn(8, 64)
     exact = "".join(s.source for s in cuda_sources(lambda x, m: torch.softmax(x * 0.125 + m, -1), (x, m)))
     inexact = "".join(s.source for s in cuda_sources(lambda x, m: torch.softmax(x * 0.1 + m, -1), (x, m)))
-    assert "fb::MulExact::exec" in exact and "fb::Mul::exec" not in exact
-    assert "fb::Mul::exec" in inexact and "fb::MulExact::exec" not in inexact
+    graph_mul = re.compile(r"fb::Mul::exec\((?![^)]*fb_rcp)")      # not the softmax's per-row reciprocal
+    assert "fb::MulExact::exec" in exact and not graph_mul.search(exact)
+    assert graph_mul.search(inexact) and "fb::MulExact::exec" not in inexact
     assert "--fmad=true" in CC.BASE_OPTIONS

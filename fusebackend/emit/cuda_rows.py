@@ -128,7 +128,8 @@ def _gen_reduction(fg: FusionGraph, group, V: int):
             cidx = "k" if vv == 1 else "k * %d + j" % vv
         else:
             cidx = "c" if vv == 1 else "c * %d + j" % vv
-        driver = RowDriver(fg, b, plan, idx, {} if cache == "recompute" else all_vars, cidx, const_read=True)
+        driver = RowDriver(fg, b, plan, idx, {} if cache == "recompute" else all_vars, cidx, const_read=True,
+                           softmax_reciprocal=True)
         conds, any_vec = [], []
 
         def loop(body, accs, vs):

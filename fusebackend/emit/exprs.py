@@ -76,6 +76,7 @@ class ExprBuilder:
         self.counter = 0
         self.reduction_value: dict[str, str] = {}   # reduction node -> finished accumulator variable
         self.hook: Optional[Callable] = None        # ((name, item), idx) -> variable or None: caches, rows
+        self.row_reciprocal: Optional[Callable] = None   # variable -> its per-row reciprocal or None (rowdriver)
         # hoist: values at an index that names no loop variable go to `pre`, code the kernel runs once before
         # its loop (pointwise kernels set it; `pre_memo` outlives the memo, which a CUDA kernel resets between
         # its vector and scalar loops)
@@ -249,6 +250,10 @@ class ExprBuilder:
                         o = torch.tensor(o, dtype=dt).item()
                 args.append(C.literal(o, want))
         expr = "fb::%s::exec(%s)" % (_exact_mul(pw, op_ct), ", ".join(args))
+        if pw.template == "Div" and op_ct == "float" and len(args) == 2 and self.row_reciprocal is not None:
+            rcp = self.row_reciprocal(args[1])
+            if rcp is not None:
+                expr = "fb::Mul::exec(%s, %s)" % (args[0], rcp)
         if pw.template == "Identity" and pw.operands and isinstance(pw.operands[0], Ref):
             src = self.meta_of(pw.operands[0]).dtype
             if out_dtype in HALF and src != out_dtype:        # an explicit narrowing cast rounds
