@@ -107,7 +107,18 @@ def test_transpose_source_is_the_tiled_kernel():
     assert "extern __shared__" in src and fill in src
     # phase 1 loads every row of the thread into registers before the first shared store
     assert src.index("fb_r0[fb_k] = ") < src.index(fill)
-    assert "fb_tile0[TC * %d + TR]" % (T.TILE + 1) in src and src.count("__syncthreads();") >= 2
+    assert "fb_tile0[fb_ta * %d + TR]" % (T.TILE + 1) in src and src.count("__syncthreads();") >= 2
+    assert spec.launch["tile_a"] == T.TILE        # float32: a square tile
+
+
+def test_two_byte_types_take_a_taller_tile():
+    """bf16: the A side is 2 x TILE (twice the rows in flight per thread), stored in two lane passes."""
+    spec = _run("bf16_nchw_to_nhwc")[0]
+    assert spec.launch["tile_a"] == 2 * T.TILE and spec.launch["smem"] >= 2 * T.TILE * (T.TILE + 1) * 4
+    assert "const int fb_ta = %d + TC;" % T.TILE in spec.source
+    dev = CC.DeviceInfo(sm_count=132)
+    grid, _, _ = CC.plan_launch(spec, [2, 64, 5, 8] + [0] * 8, dev, lambda t, s: 4)
+    assert grid == 2 * 1 * 2          # N x ceil(C / 64) x ceil(H * W / 32) tiles (domain N, C, H, W)
 
 
 def test_nchw_runs_span_h_and_w():

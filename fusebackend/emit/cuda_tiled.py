@@ -181,12 +181,20 @@ class TiledBuilder(CudaBuilder):
             self.phase1 += self.lines + ["fb_r%d[fb_k] = %s;" % (len(self.tiles) - 1, var)]
             self.lines = saved
         var = self.fresh()
-        self.emit("const %s %s = %s[TC * %d + TR];" % (ct, var, self.tiles[key][0], T.TILE + 1))
+        self.emit("const %s %s = %s[fb_ta * %d + TR];" % (ct, var, self.tiles[key][0], T.TILE + 1))
         return var
 
 
-def _tile_bytes(ct: str) -> int:
-    return -(-T.TILE * (T.TILE + 1) * _CT_BYTES[ct] // 16) * 16
+def _tile_bytes(ct: str, rows: int) -> int:
+    return -(-rows * (T.TILE + 1) * _CT_BYTES[ct] // 16) * 16
+
+
+def _a_rows(fg, group, b) -> int:
+    """The tile's A side: TILE, or 2 x TILE where every staged input and output is 2 bytes or narrower -- a
+    warp's row access is then 64 bytes, and twice the rows keep as many bytes in flight per thread as float32
+    does (a tile's loads finish before its stores start: bytes in flight bound the copy rate)."""
+    sizes = [op.meta.dtype.itemsize for op in b.operands if op.slot in {k[0] for k in b.tiles} or op.written]
+    return 2 * T.TILE if sizes and max(sizes) <= 2 else T.TILE
 
 
 def emit_tiled(fg: FusionGraph, group, plan: TilePlan | None = None) -> KernelSource | None:
@@ -204,48 +212,49 @@ def emit_tiled(fg: FusionGraph, group, plan: TilePlan | None = None) -> KernelSo
     if not b.tiles:
         return None
     tile, A, B = T.TILE, plan.a_dims, plan.b_dims
+    ta = _a_rows(fg, group, b)
     smem, decl = 0, ["extern __shared__ __align__(16) unsigned char fb_smem[];"]
     for var, ct in b.tiles.values():
         decl.append("%s* __restrict__ %s = (%s*)(fb_smem + %d);" % (ct, var, ct, smem))
-        smem += _tile_bytes(ct)
+        smem += _tile_bytes(ct, ta)
     side_a, side_b = delinearize("la", list(reversed(A))), delinearize("lb", list(reversed(B)))
     body = T.cuda_preamble(b, rank) + [
         "const int64_t LA = %s, LB = %s;" % (product(A), product(B)),
-        "const int64_t nta = (LA + %d) / %d, ntb = (LB + %d) / %d;" % (tile - 1, tile, tile - 1, tile),
+        "const int64_t nta = (LA + %d) / %d, ntb = (LB + %d) / %d;" % (ta - 1, ta, tile - 1, tile),
         "const int64_t ntiles = nta * ntb * %s;" % product(plan.other),
         "if (ntiles == 0) return;"] + list(b.pre) + decl + [
         "const int TC = threadIdx.x & 31, TR0 = threadIdx.x >> 5;",
         "for (int64_t t = blockIdx.x; t < ntiles; t += gridDim.x) {",
         "  int64_t rem_t = t;",
-        "  const int64_t a0 = (rem_t % nta) * {0}; rem_t /= nta;".replace("{0}", str(tile)),
-        "  const int64_t b0 = (rem_t % ntb) * {0}; rem_t /= ntb;".replace("{0}", str(tile))]
+        "  const int64_t a0 = (rem_t %% nta) * %d; rem_t /= nta;" % ta,
+        "  const int64_t b0 = (rem_t %% ntb) * %d; rem_t /= ntb;" % tile]
     body += indent(delinearize("rem_t", plan.other), 2) if plan.other else ["  (void)rem_t;"]
     # each thread takes rows TR0, TR0 + TRS, ... of the tile. Phase 1 issues all its loads before the first
     # shared store (an in-order warp would wait out one load's latency per row: a 2-byte load in flight per
     # thread ran a bf16 NCHW -> NHWC clone at 15% of the copy rate on the H200)
     trs = T.TILE_THREADS // 32
-    rows = tile // trs
-    regs = ["%s fb_r%d[%d] = {};" % (ct, k, rows) for k, (_, ct) in enumerate(b.tiles.values())]
+    rows_a, rows_b = ta // trs, tile // trs
+    regs = ["%s fb_r%d[%d] = {};" % (ct, k, rows_a) for k, (_, ct) in enumerate(b.tiles.values())]
     fills = ["%s[(TR0 + fb_k * %d) * %d + TC] = fb_r%d[fb_k];" % (var, trs, tile + 1, k)
              for k, (var, _) in enumerate(b.tiles.values())]
-    # the lane's side of the tile is the same for all its rows: its index split once, before the rows
-    for phase, lines in ((1, b.phase1), (2, b.lines)):
-        lane, row = ("lb", "la") if phase == 1 else ("la", "lb")
-        fixed, varying = (side_b, side_a) if phase == 1 else (side_a, side_b)
-        body += indent(regs if phase == 1 else [], 2) + ["  {", "  const int64_t %s = %s0 + TC;" % (lane, lane[1])]
-        body += indent(fixed, 2) + [
+    # the lane's side of the tile is the same for all its rows: its index split once, before the rows.
+    # Phase 1: lanes along B, rows along A (ta of them); phase 2: lanes along A (ta / 32 passes), rows along B
+    body += indent(regs, 2) + ["  {", "  const int64_t lb = b0 + TC;"] + indent(side_b, 2) + [
+        "  #pragma unroll",
+        "  for (int fb_k = 0; fb_k < %d; ++fb_k) {   // phase 1: lanes along B, loads" % rows_a,
+        "    const int64_t la = a0 + TR0 + fb_k * %d;" % trs,
+        "    if (la < LA && lb < LB) {"] + indent(side_a + b.phase1, 6) + ["    }", "  }", "  }",
+        "  #pragma unroll", "  for (int fb_k = 0; fb_k < %d; ++fb_k) {" % rows_a] + indent(fills, 4) + \
+        ["  }", "  __syncthreads();"]
+    for h in range(ta // tile):
+        body += ["  {", "  const int fb_ta = %d + TC;" % (h * tile), "  const int64_t la = a0 + fb_ta;"] + \
+            indent(side_a, 2) + [
             "  #pragma unroll",
-            "  for (int fb_k = 0; fb_k < %d; ++fb_k) {   // phase %d: lanes along %s"
-            % (rows, phase, "B, loads" if phase == 1 else "A, stores"),
+            "  for (int fb_k = 0; fb_k < %d; ++fb_k) {   // phase 2: lanes along A, stores" % rows_b,
             "    const int TR = TR0 + fb_k * %d;" % trs,
-            "    const int64_t %s = %s0 + TR;" % (row, row[1]),
-            "    if (la < LA && lb < LB) {"]
-        body += indent(varying + lines, 6) + ["    }", "  }", "  }"]
-        if phase == 1:
-            body += ["  #pragma unroll", "  for (int fb_k = 0; fb_k < %d; ++fb_k) {" % rows] + \
-                indent(fills, 4) + ["  }"]
-        body.append("  __syncthreads();")
-    body.append("}")
-    launch = {"shape": "tiled", "tile": tile, "a_dims": list(A), "b_dims": list(B), "smem": smem,
+            "    const int64_t lb = b0 + TR;",
+            "    if (la < LA && lb < LB) {"] + indent(side_b + b.lines, 6) + ["    }", "  }", "  }"]
+    body += ["  __syncthreads();", "}"]
+    launch = {"shape": "tiled", "tile": tile, "tile_a": ta, "a_dims": list(A), "b_dims": list(B), "smem": smem,
               "threads": T.TILE_THREADS, "threads_max": T.TILE_THREADS}
     return T.finish(group, b, "tiled", body, T.TILE_THREADS, launch)

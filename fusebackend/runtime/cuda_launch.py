@@ -68,9 +68,10 @@ def plan_launch(spec, meta, dev: DeviceInfo, occupancy=None):
     elif shape == "tiled":
         # a grid-stride loop over tiles (emit/cuda_tiled.py): the other dims times the tiles of the A and B runs
         tile, A, B = int(hints["tile"]), hints["a_dims"], hints["b_dims"]
+        tile_a = int(hints.get("tile_a", tile))          # the A side is 2 x TILE for 2-byte types
         LA, LB = math.prod(sizes[d] for d in A), math.prod(sizes[d] for d in B)
         rest = math.prod(s for d, s in enumerate(sizes) if d not in A and d not in B)
-        need = rest * -(-LA // tile) * -(-LB // tile)
+        need = rest * -(-LA // tile_a) * -(-LB // tile)
         if need == 0:
             return None
         threads, smem = min(int(hints.get("threads", 256)), tmax), int(hints.get("smem", 0))
