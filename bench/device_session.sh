@@ -19,7 +19,7 @@
 #     T: (s7) GPU tests alone, then offload at 25%/50% with the link backlog known (gated prefetch, and the old
 #     one-expert prefetch), the fixed strategies beside; U: GPU tests, fuzzer, bench/gpu.py after --fmad=true;
 #     V: GPU tests, masked_softmax, AdamW step; W: zoo; X: (next session) GPU tests, fuzz, transpose, zoo rows;
-#     Y: (next session) offload at 100% and with accelerate, HF generate; Z, Z2: (s8) the last calls
+#     Y: (next session) offload at 100% and with accelerate, HF generate; Z, Z2, Z3: (s8) the last calls
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -308,6 +308,27 @@ Z)   # s8's last call: GPU tests after the tiled kernel's batched loads, the bat
   ;;
 Z2)  # right after Z (warm): the whole zoo at bench size in bf16 on the final code
   TAIL=30 step zoo ${ZOO_S:-300} python3 bench/zoo.py --size bench --dtype bfloat16 --out "$OUT/zoo.json"
+  ;;
+Z3)  # s8's final call: GPU tests after the softmax reciprocal and the 64-row bf16 tiles; the transpose anchors;
+     # masked_softmax; the zoo rows they target; small_cnn channels-last, where its time goes; ncu of the
+     # eager-attention block's row kernels
+  step gpu_tests 280 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
+  TAIL=8 step fuzz_gpu 50 python3 bench/fuzz_gpu.py --seconds 38 --seed 161 --log "$OUT/fuzz_161.cases.txt"
+  TAIL=6 step transpose 40 python3 bench/transpose.py
+  TAIL=4 step gpu_softmax 40 python3 bench/gpu.py --only masked_softmax --out "$OUT/gpu_softmax.json"
+  TAIL=3 step zoo_attn 45 python3 bench/zoo.py --size bench --dtype bfloat16 --only eager_attn --out "$OUT/zoo_attn.json"
+  TAIL=3 step zoo_cnn 45 python3 bench/zoo.py --size bench --dtype bfloat16 --only small_cnn --out "$OUT/zoo_cnn.json"
+  TAIL=3 step zoo_cnn_auto 45 python3 bench/zoo.py --size bench --dtype bfloat16 --only small_cnn \
+    --options '{"conv_layout": "auto"}' --out "$OUT/zoo_cnn_auto.json"
+  TAIL=16 step prof_cnn_auto 40 python3 bench/profile_gpu.py --torch-profiler --zoo small_cnn --fuse-only \
+    --options '{"conv_layout": "auto"}'
+  TAIL=16 step prof_attn 40 python3 bench/profile_gpu.py --torch-profiler --zoo gpt2_block_eager_attn --fuse-only
+  TAIL=4 step ncu_attn 60 ncu --clock-control none --kernel-name regex:fb_cu_red --launch-count 4 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    python3 bench/profile_gpu.py --zoo gpt2_block_eager_attn --fuse-only
+  grep -E "^  fb_|Duration|Compute \(SM\)|DRAM Throughput|Registers Per|Achieved Occupancy|Warp Cycles Per Issued" \
+    "$OUT/ncu_attn.log" | head -40
   ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \

@@ -10,6 +10,7 @@ profiler sees every kernel of the steady state. With --torch-profiler it prints,
 the GPU time of each kernel name summed over 20 calls / 20.
 """
 import argparse
+import json
 import os
 import sys
 
@@ -50,12 +51,17 @@ def main():
     ap.add_argument("--torch-profiler", action="store_true")
     ap.add_argument("--zoo", default=None, help="a model-zoo name instead of the anchors")
     ap.add_argument("--groups", action="store_true", help="print fuse's groups and every kernel row")
+    ap.add_argument("--options", default=None, help="fuse backend options as JSON, e.g. '{\"conv_layout\": \"auto\"}'")
+    ap.add_argument("--fuse-only", action="store_true", help="leave Inductor out")
     opts = ap.parse_args()
+    backends = {"fuse": dict(backend="fuse", options=json.loads(opts.options)) if opts.options else BACKENDS["fuse"]}
+    if not opts.fuse_only:
+        backends["inductor"] = BACKENDS["inductor"]
     torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator(device="cuda").manual_seed(0)
     for name, fn, make_args, cfg in _workloads(opts):
         args = make_args("cuda", g)
-        for bname, kw in BACKENDS.items():
+        for bname, kw in backends.items():
             torch._dynamo.reset()
             cfn = torch.compile(fn, **kw)
             with torch.no_grad(), torch._dynamo.config.patch(**cfg):
