@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from . import ctypes_map as C
 from .common import RED_T, red_op, ref_of, scalar_index
+from .exprs import project
 
 
 class RowDriver:
@@ -27,6 +28,9 @@ class RowDriver:
         softmax_reciprocal: a float softmax's division by its row sum becomes a product with the sum's
         reciprocal, taken once per row (`reciprocal`)."""
         self.fg, self.b, self.plan, self.idx = fg, b, plan, idx
+        # the row index as a read of a domain-shaped value spells it: size-1 dims pinned at 0 (exprs.project).
+        # Without it a batch-1 row kernel missed its cache and recomputed every phase from memory
+        self.row_idx = project(idx, tuple(plan.domain)) if len(plan.domain) == len(idx) else idx
         self.vars, self.cidx = cache_vars, cache_index
         self.types = {k: C.compute(b.meta_of(ref_of(k)).dtype) for k in plan.cached}
         self.read = ("const " if const_read else "") + "%s %s = %s[%s];"
@@ -55,7 +59,7 @@ class RowDriver:
                 if self.has_vec:
                     b.vec = saved[2]
             return self.row_memo[mk]
-        if ref_key in self.vars and plan.home[ref_key] < self.phase and at == self.idx:
+        if ref_key in self.vars and plan.home[ref_key] < self.phase and (at == self.idx or at == self.row_idx):
             var = b.fresh()
             b.emit(self.read % (self.types[ref_key], var, self.vars[ref_key], self.cidx))
             return var
