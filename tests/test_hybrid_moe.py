@@ -180,9 +180,9 @@ class SlowWorker:
 
     def submit(self, fn, *args):
         from concurrent.futures import Future
-        wait, compute = fn(*args)
+        wait, compute, start = fn(*args)
         f = Future()
-        f.set_result((wait, compute * self.factor + 0.02))
+        f.set_result((wait, compute * self.factor + 0.02, start))
         return f
 
 

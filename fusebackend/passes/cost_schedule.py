@@ -37,8 +37,10 @@ class ExpertSchedule:
     gpu_s: float         # GPU compute (resident + streamed experts), excluding waits for the link
 
 
-def _layer_time(profile, cpu_s, cpu_bytes, link_s, link_bytes, gpu_s, tail_s):
+def _layer_time(profile, cpu_s, cpu_bytes, link_s, link_bytes, gpu_s, tail_s, cpu_fixed_s=0.0):
     c, l = overlap_time(cpu_bytes, cpu_s, link_bytes, link_s, profile)
+    if cpu_s > 0:
+        c += cpu_fixed_s         # outside the compute: it reads no weights, so it does not contend for DRAM
     gpu_end = max(gpu_s, l + tail_s) if link_s > 0 else gpu_s
     return max(c, gpu_end), c, l
 
@@ -46,8 +48,8 @@ def _layer_time(profile, cpu_s, cpu_bytes, link_s, link_bytes, gpu_s, tail_s):
 class _Costs:
     """Per-expert costs for one step (every non-resident expert has the same shape: same bytes, same transfer)."""
 
-    def __init__(self, profile, far, terms, busy_s=0.0):
-        self.profile, self.terms = profile, terms
+    def __init__(self, profile, far, terms, busy_s=0.0, cpu_fixed_s=0.0):
+        self.profile, self.terms, self.cpu_fixed = profile, terms, cpu_fixed_s
         self.busy, self.busy_b = busy_s, busy_s / terms.link_per_byte      # the backlog and the bytes it moves
         self.ids = [e for e, _ in far]
         self.tokens = [t for _, t in far]
@@ -73,7 +75,8 @@ class _Costs:
         if extra is not None:
             cpu, cpu_b, link, link_b = cpu + extra[0], cpu_b + extra[1], link + extra[2], link_b + extra[3]
             gpu, tail = gpu + extra[4], min(tail, extra[4])
-        return _layer_time(self.profile, cpu, cpu_b, link, link_b, gpu, tail if tail < float("inf") else 0.0)
+        return _layer_time(self.profile, cpu, cpu_b, link, link_b, gpu, tail if tail < float("inf") else 0.0,
+                           self.cpu_fixed)
 
 
 def _best_whole(costs: _Costs, gpu_res: float):
@@ -110,7 +113,7 @@ def _best_whole(costs: _Costs, gpu_res: float):
         if c_suf < t_suf and link_monotone:
             continue
         # bound over all subsets of size k: CPU side at the least CPU sum, link at the largest, least GPU compute
-        lb_cpu = overlap_time(cpu_b, cpu_min, link_b, link, p)[0] if cpu_monotone else cpu_min
+        lb_cpu = (overlap_time(cpu_b, cpu_min, link_b, link, p)[0] if cpu_monotone else cpu_min) + costs.cpu_fixed
         lb_link = overlap_time(cpu_b, cpu_max, link_b, link, p)[1] if link_monotone else link
         todo.append((max(lb_cpu, lb_link + g_sorted[0], gpu_res + g_lo[k]), k, cpu_monotone and link_monotone))
     # best_set so far is a count: k for the prefix of k, -k for the suffix of k
@@ -146,7 +149,7 @@ def _walk_from_crossing(costs, gpu_res, k, gpu_lb, tail_lb, best_t, best_set):
 
     def bounds(j):
         a, l = overlap_time(cpu_b, sums[j][0], link_b, link, p)
-        return a, max(l + tail_lb, gpu_lb)
+        return a + (costs.cpu_fixed if sums[j][0] > 0 else 0.0), max(l + tail_lb, gpu_lb)
     lo, hi = 0, len(sums)
     while lo < hi:                       # first subset whose CPU bound reaches its GPU bound
         mid = (lo + hi) // 2
@@ -230,16 +233,20 @@ def _best_split(costs: _Costs, gpu_res: float, streamed: tuple, i: int):
 
 
 def schedule_experts(profile: HardwareProfile, experts, hidden: int, ffn: int, dtype, allow_split: bool = True,
-                     n_mats: int = 3, link: bool = True, link_busy_s: float = 0.0) -> ExpertSchedule:
+                     n_mats: int = 3, link: bool = True, link_busy_s: float = 0.0,
+                     cpu_fixed_s: float = 0.0) -> ExpertSchedule:
     """experts: (expert_id, tokens, resident) for one MoE layer-step. Resident experts run on the GPU; each
     non-resident expert with tokens goes to the CPU or over the link, minimising the predicted layer time.
     allow_split: also try splitting one expert's FFN rows between the CPU and the link (the largest CPU expert
     when the CPU side decides, the smallest streamed one when the GPU side does); kept only when it wins.
     link=False: a layer with no staging buffer -- every non-resident expert runs on the CPU.
     link_busy_s: how long the copy stream is still busy with copies queued before this step (the runtime's
-    estimate); this step's transfers queue behind them."""
-    if not isinstance(link_busy_s, numbers.Real) or not link_busy_s >= 0:
-        raise ValueError("schedule_experts: link_busy_s must be a number >= 0 (seconds), got %r" % (link_busy_s,))
+    estimate); this step's transfers queue behind them.
+    cpu_fixed_s: what a call with CPU work pays beyond that work (the worker's wake-up, its waits for the
+    activations' copies; runtime/cost_correction.py learns it), added to the CPU side when it has work."""
+    for name, v in (("link_busy_s", link_busy_s), ("cpu_fixed_s", cpu_fixed_s)):
+        if not isinstance(v, numbers.Real) or not v >= 0:
+            raise ValueError("schedule_experts: %s must be a number >= 0 (seconds), got %r" % (name, v))
     seen, res, far = set(), [], []
     for e, t, r in experts:
         if not isinstance(t, numbers.Integral) or isinstance(t, bool) or t < 0:
@@ -251,7 +258,7 @@ def schedule_experts(profile: HardwareProfile, experts, hidden: int, ffn: int, d
             (res if r else far).append((e, int(t)))
     terms = expert_terms(profile, hidden, ffn, dtype, n_mats)
     gpu_res = sum(terms.gpu(t) for _, t in res)
-    costs = _Costs(profile, far, terms, float(link_busy_s))
+    costs = _Costs(profile, far, terms, float(link_busy_s), float(cpu_fixed_s))
     best_t, streamed = _best_whole(costs, gpu_res) if link else (None, ())
     split = None
     if allow_split and link and far:
@@ -285,7 +292,7 @@ def _finish(costs, gpu_res, streamed, split, res) -> ExpertSchedule:
         cpu, cpu_b, link, link_b = cpu + m.cpu(t, f), cpu_b + f * costs.b, link + m.transfer(1 - f), \
             link_b + (1 - f) * costs.b
         gpu, tail = gpu + m.gpu(t, 1 - f), min(tail, m.gpu(t, 1 - f)) if g else m.gpu(t, 1 - f)
-    t, c, l = _layer_time(p, cpu, cpu_b, link, link_b, gpu, tail)
+    t, c, l = _layer_time(p, cpu, cpu_b, link, link_b, gpu, tail, costs.cpu_fixed)
     return ExpertSchedule(cpu=[costs.ids[i] for i in on_cpu], streamed=[costs.ids[i] for i in on_link],
                           resident=[e for e, _ in res], split=(costs.ids[si], split[1]) if split else None,
                           predicted_s=t, cpu_s=c, link_s=max(l - costs.busy, 0.0) if on_link or split else 0.0,

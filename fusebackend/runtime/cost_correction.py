@@ -29,6 +29,9 @@ class CostCorrection:
         self.min_pred_s = dict(self.MIN_PRED_S, **(min_pred_s or {}))
         self.factor = dict.fromkeys(self.SIDES, 1.0)
         self.observations = dict.fromkeys(self.SIDES, 0)
+        # the CPU side's per-call overhead outside its compute (the worker's wake-up, its wait for the
+        # activations' copy and for the previous output's): additive, so no rate factor can learn it
+        self.cpu_fixed_s, self.n_fixed = 0.0, 0
         self._profiles = {}
 
     def observe(self, side, measured_s, predicted_s, used=None):
@@ -44,6 +47,17 @@ class CostCorrection:
         log_f = (1 - self.alpha) * math.log(self.factor[side]) + self.alpha * math.log(used * r)
         self.factor[side] = min(self.hi, max(self.lo, math.exp(log_f)))
         self.observations[side] += 1
+        return True
+
+    FIXED_MAX_S = 5e-3
+
+    def observe_fixed(self, overhead_s) -> bool:
+        """One call's CPU overhead (s): an EWMA, each observation clipped to [0, FIXED_MAX_S]."""
+        if not isinstance(overhead_s, (int, float)) or not math.isfinite(overhead_s):
+            return False
+        x = min(self.FIXED_MAX_S, max(0.0, overhead_s))
+        self.cpu_fixed_s = x if self.n_fixed == 0 else (1 - self.alpha) * self.cpu_fixed_s + self.alpha * x
+        self.n_fixed += 1
         return True
 
     def quantized(self):
@@ -72,4 +86,4 @@ class CostCorrection:
 
     def summary(self):
         return {s: round(self.factor[s], 3) for s in self.SIDES} | {
-            "n_" + s: self.observations[s] for s in self.SIDES}
+            "n_" + s: self.observations[s] for s in self.SIDES} | {"cpu_fixed_ms": round(1e3 * self.cpu_fixed_s, 3)}

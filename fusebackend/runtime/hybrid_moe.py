@@ -24,7 +24,7 @@ from .cost_correction import CostCorrection
 from .cpu_worker import (CudaApi, PinnedRows, StagingPool, StreamPipe, default_worker, expert_ffn, expert_layout,
                          run_cpu_job)
 from .hybrid_plan import (Plan, fast_path_mode, host_order, normalize_decision, plan_swaps, prefetch_gain,
-                          propose_resident, routed_probability, routing_counts, update_popularity)
+                          propose_resident, routed_probability, routing_counts, takes_keyword, update_popularity)
 from .hybrid_trace import CallTrace
 
 
@@ -53,6 +53,7 @@ class HybridMoELayer(CallTrace):
                 raise ValueError("HybridMoELayer: the cost-model scheduler needs profile= (a HardwareProfile)")
             from ..passes.cost_schedule import schedule_experts as scheduler    # the cost model's, per step
         self.scheduler, self.profile = scheduler, profile
+        self._fixed_kw = takes_keyword(scheduler, "cpu_fixed_s")     # hand it the learned per-call CPU overhead
         experts = [tuple(w) for w in experts]
         if not experts or any(len(w) != 3 for w in experts):
             raise ValueError("HybridMoELayer: experts must be a non-empty list of (gate, up, down)")
@@ -259,6 +260,7 @@ class HybridMoELayer(CallTrace):
         staged = {e: s for e, s in staged.items() if s is not None}      # prefetched: no link time left
         experts = [(e, n, e in self.gpu or e in staged) for e, n in enumerate(counts) if n]
         prof, used, busy = self.profile, None, pool.backlog_s() if pool is not None else 0.0
+        kw = {}
         if all(r for _, _, r in experts):                    # nothing to decide: no scheduler call
             dec, mode = None, "resident"
             plan = Plan([], [], [e for e, _, _ in experts], None)
@@ -266,7 +268,9 @@ class HybridMoELayer(CallTrace):
             mode = "scheduled"
             if self.correction is not None and prof is not None:
                 prof, used = self.correction.apply(prof), dict(self.correction.factor)
-            dec = self.scheduler(prof, experts, H, Fn, self.dtype, allow_split=self.allow_split, link_busy_s=busy)
+            kw = {"cpu_fixed_s": self.correction.cpu_fixed_s} if self._fixed_kw and self.correction else {}
+            dec = self.scheduler(prof, experts, H, Fn, self.dtype, allow_split=self.allow_split, link_busy_s=busy,
+                                 **kw)
             plan = normalize_decision(dec, experts, Fn, self.allow_split)
         split_e, t_sched = plan.split[0] if plan.split else None, time.perf_counter() - t_host
 
@@ -332,10 +336,11 @@ class HybridMoELayer(CallTrace):
             after_issue()
         cpu_wait = cpu_s = t_cpu_back = 0.0
         if fut is not None:
-            cpu_wait, cpu_s = fut.result()
+            cpu_wait, cpu_s, t_start = fut.result()
             t_cpu_back = time.perf_counter() - t_host
             if used is not None and getattr(dec, "cpu_s", None):
-                self.correction.observe("cpu", cpu_s, dec.cpu_s, used["cpu"])
+                self.correction.observe("cpu", cpu_s, dec.cpu_s - kw.get("cpu_fixed_s", 0.0), used["cpu"])
+                self.correction.observe_fixed(t_start - (t_host + t_submit) + cpu_wait)
             yd = yh.to(hidden.device, non_blocking=True)
             self._y_free = api.event()
             self._y_free.record(main)

@@ -166,3 +166,13 @@ def normalize_decision(decision, experts, ffn, allow_split=True, granule=GRANULE
         else:
             sp = (e, rows)
     return Plan(cpu, streamed, resident, sp)
+
+
+def takes_keyword(fn, name: str) -> bool:
+    """Whether fn accepts the keyword `name` (a user's scheduler may predate one the runtime hands in)."""
+    import inspect
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())

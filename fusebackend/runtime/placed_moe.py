@@ -136,7 +136,8 @@ def bind(model: ModelMoE, key: int, resident) -> _Binding:
     return b
 
 
-def _cpu_only(profile, experts, hidden, ffn, dtype, allow_split=False, link_busy_s=0.0):
+def _cpu_only(profile, experts, hidden, ffn, dtype, allow_split=False, link_busy_s=0.0, cpu_fixed_s=0.0):
     """The scheduler of a layer with no staging room (the budget held none): the link is never chosen."""
     from ..passes.cost_schedule import schedule_experts
-    return schedule_experts(profile, experts, hidden, ffn, dtype, allow_split=False, link=False)
+    return schedule_experts(profile, experts, hidden, ffn, dtype, allow_split=False, link=False,
+                            cpu_fixed_s=cpu_fixed_s)
