@@ -310,20 +310,20 @@ Z2)  # right after Z (warm): the whole zoo at bench size in bf16 on the final co
   TAIL=30 step zoo ${ZOO_S:-300} python3 bench/zoo.py --size bench --dtype bfloat16 --out "$OUT/zoo.json"
   ;;
 Z3)  # s8's final call: GPU tests after the softmax reciprocal and the 64-row bf16 tiles; the transpose anchors;
-     # masked_softmax; the zoo rows they target; small_cnn channels-last, where its time goes; ncu of the
-     # eager-attention block's row kernels
+     # masked_softmax; the zoo rows they target; small_cnn channels-last, where its time goes; fuse at 25% with
+     # the learned CPU overhead; ncu of the eager-attention block's row kernels
   step gpu_tests 280 python3 -m pytest -q -m gpu -p no:cacheprovider tests
   grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
   TAIL=8 step fuzz_gpu 50 python3 bench/fuzz_gpu.py --seconds 38 --seed 161 --log "$OUT/fuzz_161.cases.txt"
   TAIL=6 step transpose 40 python3 bench/transpose.py
   TAIL=4 step gpu_softmax 40 python3 bench/gpu.py --only masked_softmax --out "$OUT/gpu_softmax.json"
   TAIL=3 step zoo_attn 45 python3 bench/zoo.py --size bench --dtype bfloat16 --only eager_attn --out "$OUT/zoo_attn.json"
-  TAIL=3 step zoo_cnn 45 python3 bench/zoo.py --size bench --dtype bfloat16 --only small_cnn --out "$OUT/zoo_cnn.json"
   TAIL=3 step zoo_cnn_auto 45 python3 bench/zoo.py --size bench --dtype bfloat16 --only small_cnn \
     --options '{"conv_layout": "auto"}' --out "$OUT/zoo_cnn_auto.json"
   TAIL=16 step prof_cnn_auto 40 python3 bench/profile_gpu.py --torch-profiler --zoo small_cnn --fuse-only \
     --options '{"conv_layout": "auto"}'
-  TAIL=16 step prof_attn 40 python3 bench/profile_gpu.py --torch-profiler --zoo gpt2_block_eager_attn --fuse-only
+  TAIL=30 step offload 60 python3 bench/offload.py --budgets 0.25 --strategies fuse --time-limit 45 --cell-limit 6 \
+    --out "$OUT/offload"
   TAIL=4 step ncu_attn 60 ncu --clock-control none --kernel-name regex:fb_cu_red --launch-count 4 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     python3 bench/profile_gpu.py --zoo gpt2_block_eager_attn --fuse-only
