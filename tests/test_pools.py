@@ -144,3 +144,14 @@ def test_cuda_kernel_of_bn_relu_pool_emulated():
         want = model(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert [s.kind for s in specs] == ["pointwise"]
+
+
+def test_channels_last_input_and_a_one_d_pool():
+    x = torch.randn(2, 8, 12, 10, generator=_g(21)).contiguous(memory_format=torch.channels_last)
+    report = _check(Block(), x)
+    assert report.num_aten_calls == 0, str(report)
+    pool1d = lambda t: F.max_pool1d(torch.relu(t), 3, 2)
+    t = torch.randn(3, 5, 17, generator=_g(22))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert_matches(pool1d, torch.compile(pool1d, backend="fuse"), (t,))
