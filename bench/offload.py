@@ -51,6 +51,8 @@ def parse():
     a("--learn", type=int, default=1, help="fuse learns measured costs (1) or trusts the profile (0)")
     a("--trace", type=int, default=1, help="fuse records per-call traces in the warm-up steps (1; its "
                                           "predicted-vs-measured columns); the timed steps run untraced")
+    a("--fast-path", default="auto", choices=["auto", "grouped", "dense", "sorted"],
+      help="how the executor runs an all-resident layer (HybridMoELayer fast_path; the 100%% budget)")
     a("--share-experts", action="store_true", help="8 distinct experts reused by every layer (host memory)")
     a("--profile", default=None, help="hardware profile: none = this machine (cached), reference-h200, a JSON")
     a("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 2)), a("--seed", type=int, default=0)
@@ -174,7 +176,8 @@ class Strategy:
             self.layers = [HybridMoELayer(ctx.host[l], resident=sorted(r), profile=prof, scheduler=sched, api=api,
                                           staging=pool, staging_slots=0,
                                           trace=name == "fuse" and bool(ctx.args.trace),
-                                          learn=name == "fuse" and bool(ctx.args.learn), correction=corr)
+                                          learn=name == "fuse" and bool(ctx.args.learn), correction=corr,
+                                          fast_path=ctx.args.fast_path)
                            for l, r in enumerate(self.res)]              # one pool of two experts for all layers
 
     def moe(self, l, x, idx, w):

@@ -223,7 +223,8 @@ class CountingApi(SimApi):
         return Ev()
 
 
-def test_sim_all_resident_fast_path_skips_the_scheduler_and_the_host_round_trip():
+def test_sim_all_resident_fast_path_skips_the_scheduler_and_the_host_round_trip(monkeypatch):
+    monkeypatch.setattr(hm, "grouped_layout_ok", lambda *a: False)      # a torch without grouped matmuls
     experts = make_experts(8, 32, 96, torch.bfloat16)
     sched = Forced("streamed")
     layer = hm.HybridMoELayer(experts, api=CountingApi(), scheduler=sched, resident=range(8), trace=True)

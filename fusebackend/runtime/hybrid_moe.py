@@ -8,8 +8,9 @@ CUDA), the online correction in cost_correction.py, the trace in hybrid_trace.py
 
 Positions are grouped by expert on the host from that copy (host_order) and sent back in one tiny copy; each
 expert's weighted output fills its rows of one buffer, summed per token by a single index_add. A layer whose
-experts are all resident has nothing to schedule: fast_path_mode picks a sync-free dense loop (every expert over
-all rows, where nearly all are routed anyway) or the sorted loop without the scheduler. Scheduled calls feed a
+experts are all resident has nothing to schedule: its experts sit in one stacked buffer and fast_path_mode picks
+the sync-free grouped matmuls over the routed rows (runtime/resident_moe.py), or, without grouped matmuls, a
+sync-free dense loop (where nearly all experts are routed anyway) or the sorted loop without the scheduler. Scheduled calls feed a
 CostCorrection (measured / predicted per side: CPU worker, link, GPU) that corrects the profile of the next
 calls. Prefetch is offered only for experts likely enough to be routed (likely()).
 """
@@ -23,12 +24,15 @@ import torch
 from .cost_correction import CostCorrection
 from .cpu_worker import (CudaApi, PinnedRows, StagingPool, StreamPipe, default_worker, expert_ffn, expert_layout,
                          run_cpu_job)
-from .hybrid_plan import (Plan, fast_path_mode, host_order, normalize_decision, plan_swaps, prefetch_gain,
+from .hybrid_plan import (Plan, host_order, normalize_decision, plan_swaps, prefetch_gain,
                           propose_resident, routed_probability, routing_counts, takes_keyword, update_popularity)
 from .hybrid_trace import CallTrace
+from .resident_moe import ResidentPaths, fast_predicted_s, grouped_layout_ok
+
+FAST_PATHS = ("auto", "grouped", "dense", "sorted")
 
 
-class HybridMoELayer(CallTrace):
+class HybridMoELayer(CallTrace, ResidentPaths):
     """One MoE layer's routed SwiGLU experts, some resident on the GPU, the rest homed in pinned host memory.
 
     experts: [(gate [F, H], up [F, H], down [H, F])] per expert (or `from_3d` for HF's gate_up_proj/down_proj).
@@ -41,12 +45,17 @@ class HybridMoELayer(CallTrace):
     prefetch_min_prob: likely() offers an expert for prefetch only if it is at least this likely to be routed
     in a call of the last call's token count: a prefetch that misses holds the FIFO copy stream for a whole
     expert (6.4 ms on the H200) in front of the next layer's own transfers.
+    fast_path: how calls of an all-resident layer run: "auto" (grouped where this torch can, else
+    fast_path_mode's dense or sorted), or one of "grouped", "dense", "sorted" forced (for measuring them).
     """
 
     def __init__(self, experts, *, resident=(), capacity=None, profile=None, scheduler=None, device=None,
                  staging=None, staging_slots=2, allow_split=True, max_swaps=1, decay=0.9, margin=0.02,
                  rebalance_every=0, trace=False, trace_cap=1024, worker=None, api=None, learn=True,
-                 correction=None, prefetch_min_prob=0.5):
+                 correction=None, prefetch_min_prob=0.5, fast_path="auto"):
+        if fast_path not in FAST_PATHS:
+            raise ValueError("HybridMoELayer: fast_path must be one of %s, got %r" % (FAST_PATHS, fast_path))
+        self.fast_path = fast_path
         self.api = api if api is not None else CudaApi(device)
         if scheduler is None:
             if profile is None:
@@ -84,6 +93,10 @@ class HybridMoELayer(CallTrace):
         self.decay, self.margin, self.max_swaps, self.rebalance_every = decay, margin, max_swaps, rebalance_every
         self.gpu, self._loading, self.calls, self.swaps = {}, {}, 0, 0
         self.capacity = len(set(resident)) if capacity is None else capacity
+        # every expert fits: one stacked buffer, rows in expert order, which the grouped matmuls index
+        self._stack = (self.api.empty((self.num_experts, 3 * self.ffn * self.hidden), self.dtype)
+                       if self.capacity >= self.num_experts and fast_path in ("auto", "grouped")
+                       and grouped_layout_ok(self.hidden, self.ffn, self.dtype) else None)
         self.set_resident(list(resident), max_swaps=self.num_experts)
         self.swaps = 0                   # the initial load is not a swap
         self.tracing, self.trace_cap, self.trace, self._pending, self._prefetch_ev = trace, trace_cap, [], [], []
@@ -124,7 +137,8 @@ class HybridMoELayer(CallTrace):
         main, s = self.api.current_stream(), self.copy_stream
         terms = self._terms(self._profile_now())
         for e in load:
-            buf = self.api.empty((3 * self.ffn * self.hidden,), self.dtype)
+            buf = self._stack[e] if self._stack is not None else self.api.empty((3 * self.ffn * self.hidden,),
+                                                                                  self.dtype)
             with self.api.stream(s):
                 s.wait_stream(main)      # the block may be memory the compute stream freed and still reads
                 for dst, src in zip(expert_layout(buf, self.ffn, self.hidden), self.host[e]):
@@ -225,9 +239,9 @@ class HybridMoELayer(CallTrace):
             ev.record(main)
         acc_dtype = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
         terms = self._terms(self.profile)
-        if self.all_resident() and fast_path_mode(T, k, self.score, sorted(self.gpu),
-                                                  terms and terms.gpu) == "dense":
-            out = self._dense(hidden, idx, weights, acc_dtype, main)
+        fast = self._fast_mode(T, k, terms) if self.all_resident() else None
+        out = self._fast_call(fast, hidden, idx, weights, acc_dtype, main) if fast != "sorted" else None
+        if out is not None:
             self.expected_end = time.perf_counter()
             if after_issue is not None:
                 after_issue()
@@ -235,7 +249,7 @@ class HybridMoELayer(CallTrace):
             if self.tracing:
                 self._record(None, Plan([], [], sorted(self.gpu), None), None, {}, marks[0], main, [],
                              dict(tokens=T, host_s=time.perf_counter() - t_host, cpu_s=0.0, cpu_wait_s=0.0,
-                                  mode="dense"), predicted=terms and E * terms.gpu(T))
+                                  mode=fast), predicted=terms and fast_predicted_s(terms, fast, T, k, E))
             return out
 
         flat = idx.reshape(-1)
@@ -362,25 +376,6 @@ class HybridMoELayer(CallTrace):
         return out
 
     __call__ = forward
-
-    def _dense(self, hidden, idx, weights, acc_dtype, main):
-        """All experts resident, `dense` mode (fast_path_mode): each expert over every row, times its column of
-        the [T, E] combine matrix (0 where not routed); nothing leaves the GPU, nothing is waited for."""
-        E, Fn, H = self.num_experts, self.ffn, self.hidden
-        if self._arange is None or self._arange.device != idx.device:
-            self._arange = torch.arange(E, device=idx.device)
-        cw = ((idx.unsqueeze(-1) == self._arange) * weights.unsqueeze(-1).to(acc_dtype)).sum(1)   # [T, E]
-        self._wait_loading(main, list(self._loading))
-        acc = None
-        for e in sorted(self.gpu):
-            y = expert_ffn(hidden, *expert_layout(self.gpu[e], Fn, H))
-            if acc is None:
-                acc = y * cw[:, e:e + 1]                     # acc_dtype by promotion
-            else:
-                acc.addcmul_(y, cw[:, e:e + 1])
-        if acc.dtype != acc_dtype:
-            acc = acc.to(acc_dtype)
-        return acc if acc_dtype == self.dtype else acc.to(self.dtype)
 
     # ------------------------------------------------------------------ bookkeeping
     def _observe(self, counts):

@@ -108,8 +108,11 @@ def expected_routed(score, experts, tokens, k):
     return sum(routed_probability(s, tokens, k) for s in shares)
 
 
-def fast_path_mode(tokens, k, score, resident, gpu_time=None):
+def fast_path_mode(tokens, k, score, resident, gpu_time=None, grouped=False):
     """How a call whose experts are all resident runs -- no scheduler, no CPU, no link -- (pure):
+      'grouped' (when the layer has its experts stacked and this torch has grouped matmuls: `grouped`) the
+               routing sorted on the GPU, two grouped matmuls over the routed rows only: no host round trip and
+               no weight read in vain, so it is taken at every token count (runtime/resident_moe.py).
       'dense'  every resident expert over all `tokens` rows, weighted by a [T, E] combine matrix built on the
                GPU: no device->host copy, no synchronisation, a fixed ~5 launches per expert. Only when that
                costs no more GPU time than the routed rows would: nearly every resident expert is expected to be
@@ -122,6 +125,8 @@ def fast_path_mode(tokens, k, score, resident, gpu_time=None):
     n = len(resident)
     if n == 0 or tokens <= 0:
         return "sorted"
+    if grouped:
+        return "grouped"
     if expected_routed(score, resident, tokens, k) < n - 1.0:
         return "sorted"
     per = max(1, -(-tokens * k // n))
