@@ -55,3 +55,18 @@ def test_other_row_divisions_stay_divisions():
         got = compile_emulated(normalise, [])(x)
     torch.testing.assert_close(got, normalise(x), rtol=1e-5, atol=1e-7)
     assert torch.isfinite(got).all()
+
+
+def test_a_division_by_a_pointwise_row_value_emits_and_stays_a_division():
+    """The divisor a per-row pointwise member (|mean| + 0.5), not a reduction: the kernel is emitted (the
+    softmax check once asked any per-row divisor for its reduction op and failed) and divides."""
+    def scaled(x):
+        m = x.mean(-1, keepdim=True)
+        return x / (m.abs() + 0.5), ((x - m) ** 2).sum(-1, keepdim=True)
+    x = torch.randn(6, 33, generator=_g(3))
+    src = "".join(k.source for k in cuda_sources(scaled, (x,)))
+    assert "fb_rcp" not in src and "fb::Div::exec(" in src
+    with torch.no_grad():
+        got = compile_emulated(scaled, [])(x)
+    for a, b in zip(got, scaled(x)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

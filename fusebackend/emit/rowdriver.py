@@ -131,7 +131,8 @@ class RowDriver:
 
 def _is_softmax_sum(fg, plan, name: str) -> bool:
     node = fg.node(name)
-    if name not in plan.members or red_op(fg, name) != "sum":
+    # a per-row divisor may be any member (a pointwise op of row values, |mean| + 0.5): only a sum qualifies
+    if name not in plan.members or node.kind != "reduction" or red_op(fg, name) != "sum":
         return False
     src = node.args[0]
     ex = fg.node(src.name) if src.name in plan.members else None
