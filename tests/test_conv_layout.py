@@ -270,3 +270,23 @@ def test_training_step_channels_last_on_the_cpu_matches_eager():
 @pytest.mark.gpu
 def test_small_cnn_bf16_on_cuda_runs_its_convolutions_channels_last(monkeypatch):
     _check_small_cnn("cuda", torch.bfloat16, {"conv_layout": "auto"}, monkeypatch)
+
+
+def test_the_last_block_pools_and_averages_nhwc_in_one_kernel_without_an_nchw_copy():
+    """small_cnn's second block under channels-last: BN + ReLU, the pool's slices and the mean are one row
+    kernel reading the convolution's NHWC output (no NCHW copy for the slices: they follow their base)."""
+    model, inputs = small_cnn(torch.bfloat16)
+    (gm,) = cuda_graphs(model, *inputs)
+    fg = lower(gm)
+    groups, _ = plan_groups(fg, 200, "auto")
+    assert not [n.name for n in fg.nodes() if n.name.endswith("_nchw")]
+    convs = layout.convolutions(fg)
+    (last,) = [g for g in groups if any(fg.node(n).op_name.startswith("mean") for n in g.nodes)]
+    ops = {fg.node(n).op_name.split(".")[0] for n in last.nodes}
+    assert last.kind == "reduction" and {"relu", "slice", "maximum", "mean"} <= ops, ops
+    assert fg.users(convs[1].name) and all(u in last.nodes for u in fg.users(convs[1].name))
+    slices = [fg.node(n) for n in last.nodes if fg.node(n).op_name.startswith("slice")]
+    assert slices and all(s.meta.stride[1] == 1 for s in slices)           # NHWC strides: channels innermost
+    for g in groups:
+        if g.is_kernel:
+            assert emit_kernel(fg, g).target == "cuda"

@@ -155,3 +155,39 @@ def test_channels_last_input_and_a_one_d_pool():
     torch._dynamo.reset()
     with torch.no_grad():
         assert_matches(pool1d, torch.compile(pool1d, backend="fuse"), (t,))
+
+
+class PoolMean(nn.Module):
+    """A network's last block: BN + ReLU, max pool, global average pool."""
+
+    def __init__(self, c=8, **pool):
+        super().__init__()
+        self.block = Block(c, **pool)
+
+    def forward(self, x):
+        return self.block(x).mean((2, 3))
+
+
+@pytest.mark.parametrize("shape,pool", [((2, 8, 16, 16), dict(kernel_size=2)),
+                                        ((3, 8, 13, 11), dict(kernel_size=3, stride=2))])
+def test_bn_relu_pool_mean_is_one_reduction_kernel(shape, pool):
+    """BN + ReLU computed where the pool's slices read it, inside the mean's kernel: nothing written between."""
+    report = _check(PoolMean(**pool), torch.randn(shape, generator=_g(22)))
+    assert report.num_kernels == 1 and report.num_aten_calls == 0, str(report)
+    (kernel,) = [g for g in report.groups if g["kind"] != "view"]
+    assert kernel["kind"] == "reduction" and {"relu", "maximum", "mean"} <= {o.split(".")[0] for o in kernel["ops"]}
+
+
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="g++ not installed")
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_cuda_row_kernel_of_bn_relu_pool_mean_emulated(memory_format):
+    """The CUDA row kernel with that prologue read through strided slices (the CPU emulator of generated CUDA)."""
+    from test_inplace_cuda_emu import compile_emulated
+    model = PoolMean(kernel_size=3, stride=2).eval()
+    x = torch.randn(2, 8, 11, 14, generator=_g(23)).contiguous(memory_format=memory_format)
+    specs = []
+    with torch.no_grad():
+        got = compile_emulated(model, specs)(x)
+        want = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert [s.kind for s in specs] == ["reduction"]

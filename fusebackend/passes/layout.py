@@ -29,7 +29,10 @@ strides, unit-stride dims checked once by the runtime) and allocates its outputs
   own shape, and the first output of the ATen ops that keep their input's memory format on CPU and CUDA
   (batch norm, max/avg pooling): what ATen itself would return for NHWC input, so a group that falls back to
   ATen agrees with the metadata;
-- where a channels-last value reaches a graph output, a view or another ATen call, a
+- strided views (slice, select, permute, ...) of a channels-last value whose readers are all kernels (or
+  more such views): their strides are re-derived from the channels-last base, so the kernels read NHWC memory
+  through them (a max pool rewritten to slices, graph/pools.py: no NCHW copy before it);
+- where a channels-last value reaches a graph output, another view or another ATen call, a
   clone(memory_format=contiguous_format) node restores eager's layout (outputs keep eager's strides: Dynamo
   and the backward graph were traced with them). Reductions read any layout and keep their outputs'.
 """
@@ -57,6 +60,8 @@ AGNOSTIC = {"copy_"}
 # channels-last / NCHW time of a convolution class, as benchmarked for Inductor (torchbench conv inputs)
 _MULTIPLIER = {"grouped": 1.358, "small": 0.783, "in_out": 0.725, "default": 0.823}
 _MAX_NODES_PER_CONV = 300
+# views whose output strides follow from any input strides (no reshape, which may need a copy)
+STRIDE_VIEWS = {"slice", "select", "permute", "transpose", "unsqueeze", "squeeze", "expand", "alias"}
 
 
 def _op(node) -> str:
@@ -150,7 +155,7 @@ def to_channels_last(fg: FusionGraph, mode: str = "auto", training: bool = False
             if (a.item is None and p.kind == "pointwise" and not registry.is_store(p) and _eligible(p.meta)
                     and not is_channels_last(p.meta)):
                 seeds.add(p.name)
-    cl = _propagate(fg, conv_names, seeds)
+    cl = _propagate(fg, conv_names, seeds, _kernel_read_views(fg))
     order = {n.name: float(n.index) for n in fg.nodes()}
     made = {}
     for c in convs:                           # remaining conv inputs: a copy into channels-last
@@ -169,12 +174,44 @@ def to_channels_last(fg: FusionGraph, mode: str = "auto", training: bool = False
     return fg
 
 
-def _propagate(fg: FusionGraph, conv_names: set, seeds: set) -> set:
-    """Give channels-last metas to the convs' outputs, the seeds and what follows them; the (name, item) keys
-    of the channels-last values."""
+def _kernel_read_views(fg: FusionGraph) -> set:
+    """Names of the STRIDE_VIEWS nodes read only by kernels (pointwise, reductions) or by other such views, and
+    not graph outputs: where their base goes channels-last, they can follow it (nothing outside our kernels
+    sees their strides)."""
+    outs = {o.name for o in fg.outputs if isinstance(o, Ref)}
+    ok = {}
+
+    def check(name):
+        if name not in ok:
+            n = fg.node(name)
+            ok[name] = False                  # (no cycles in a DAG; a guard all the same)
+            users = [fg.node(u) for u in fg.g.successors(name)]
+            ok[name] = (n.kind == "view" and _op(n) in STRIDE_VIEWS and name not in outs and bool(users)
+                        and all(u.kind in ("pointwise", "reduction") and not registry.is_store(u)
+                                or (u.kind == "view" and check(u.name)) for u in users))
+        return ok[name]
+    return {n.name for n in fg.nodes() if n.kind == "view" and check(n.name)}
+
+
+def _derived_view_meta(fg: FusionGraph, n) -> TensorMeta:
+    """The view's meta with its strides re-derived from its (now channels-last) base: the op run on meta."""
+    base = fg.meta_of(n.args[0])
+    t = torch.empty_strided(base.shape, base.stride, dtype=base.dtype, device="meta")
+    out = n.target(t, *n.args[1:], **n.kwargs)
+    return TensorMeta(tuple(out.shape), out.dtype, tuple(out.stride()), n.meta.device, bool(out.is_contiguous()))
+
+
+def _propagate(fg: FusionGraph, conv_names: set, seeds: set, views: set = frozenset()) -> set:
+    """Give channels-last metas to the convs' outputs, the seeds and what follows them (views: the kernel-read
+    views that may follow their base); the (name, item) keys of the channels-last values."""
     cl = set()
     for n in fg.nodes():
-        if n.name in conv_names:
+        if n.name in views and isinstance(n.args[0], Ref) and (n.args[0].name, n.args[0].item) in cl:
+            derived = _derived_view_meta(fg, n)
+            if tuple(derived.shape) == tuple(n.meta.shape):
+                n.meta = derived
+                cl.add((n.name, None))
+        elif n.name in conv_names:
             if _eligible(n.meta):             # (traced NHWC already: the model's own layout, left as it is)
                 n.meta = channels_last_meta(n.meta)
                 cl.add((n.name, None))
@@ -198,10 +235,10 @@ def _propagate(fg: FusionGraph, conv_names: set, seeds: set) -> set:
     return cl
 
 
-def _reads_any_layout(user, conv_names: set) -> bool:
+def _reads_any_layout(user, conv_names: set, followers: set = frozenset()) -> bool:
     """A reader that takes a channels-last value as it is: kernels (pointwise, reductions), convolutions,
-    the layout-following and layout-agnostic ATen ops."""
-    if user.kind in ("pointwise", "reduction") or user.name in conv_names:
+    the views that follow their base's layout, the layout-following and layout-agnostic ATen ops."""
+    if user.kind in ("pointwise", "reduction") or user.name in conv_names or user.name in followers:
         return True
     return user.kind == "opaque" and (_op(user) in FOLLOWS or _op(user) in AGNOSTIC)
 
@@ -209,6 +246,7 @@ def _reads_any_layout(user, conv_names: set) -> bool:
 def _restore(fg: FusionGraph, cl: set, order: dict) -> None:
     """Eager's NCHW layout back for the graph outputs, views and other ATen calls reading a channels-last value."""
     conv_names = {c.name for c in convolutions(fg)}
+    followers = {n for n, _ in cl if fg.node(n).kind == "view"}      # views whose strides follow their base
     made = {}
 
     def restored(key):
@@ -222,7 +260,7 @@ def _restore(fg: FusionGraph, cl: set, order: dict) -> None:
 
     for name in list(order):
         user = fg.node(name)
-        if user.name in made.values() or _reads_any_layout(user, conv_names):
+        if user.name in made.values() or _reads_any_layout(user, conv_names, followers):
             continue
         for r in {r for r in tensor_args(fg, user.name) if (r.name, r.item) in cl}:
             _redirect(fg, user, r, restored((r.name, r.item)))

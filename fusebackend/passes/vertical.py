@@ -142,6 +142,7 @@ class _Fuser:
                     dom = s
         keep, drop = outer_shapes(dom, rdims)
         index_only = self.index_only(names, written)
+        prologue = self.prologue_only(names, written) if rdims else set()
         for n, node in members:
             s = node.meta.shape
             if node.kind == "reduction":
@@ -149,7 +150,7 @@ class _Fuser:
             needs_write = n in written
             # read inside only: computed at whatever index is asked (in a row kernel, only index tensors:
             # a take asks for them at its own output's position)
-            loose = not (rdims or needs_write) or n in index_only
+            loose = not (rdims or needs_write) or n in index_only or n in prologue
             if not (self.fits(s, dom) or (rdims and s == drop) or loose):
                 return None
             if needs_write and s != dom and not (rdims and s in (keep, drop)):
@@ -175,6 +176,24 @@ class _Fuser:
                 continue
             users = [u for u in self.fg.users(n) if u in names]
             if users and all(u in out or n in self._indices_of(u) for u in users):
+                out.add(n)
+        return out
+
+    def prologue_only(self, names, written) -> set:
+        """Members of a reduction group read only inside it, through views, before any reduction: computed
+        at whatever index the views ask for, as in a pointwise kernel (batch norm + ReLU read by a max pool's
+        strided slices, then a mean)."""
+        out, after = set(), set()
+        for n in sorted(names, key=lambda n: self.fg.node(n).index):
+            node = self.fg.node(n)
+            if node.kind == "reduction" or any(p in after for p in self.fg.producers(n)):
+                after.add(n)
+        for n in sorted(names, key=lambda n: -self.fg.node(n).index):
+            node = self.fg.node(n)
+            if n in written or n in after or node.kind not in ("pointwise", "view"):
+                continue
+            users = [self.fg.node(u) for u in self.fg.users(n) if u in names]
+            if users and all(u.name in out or (u.kind == "view" and u.name not in after) for u in users):
                 out.add(n)
         return out
 
