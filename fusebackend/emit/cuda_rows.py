@@ -1,6 +1,9 @@
 """CUDA row-reduction kernels: one block per row (one warp per row for rows of at most WARP_ROW_MAX
 elements), threads striding over the reduced index in chunks of V, a warp-shuffle + shared-memory all-reduce
-so every thread gets each result. The phases come from RowPlan through RowDriver (as on the CPU). Values the
+so every thread gets each result. Rows whose elements are strided in memory while consecutive rows are adjacent
+(a mean over H and W of an NHWC tensor) take the column shape instead: a lane per row, 32 rows per block, the
+block's warps splitting the reduced index, a shared-memory all-reduce across the warps: coalesced reads where
+a block per row would read one element per 32-byte sector. The phases come from RowPlan through RowDriver (as on the CPU). Values the
 plan caches between phases live in registers (a per-thread array of compile-time size, loops unrolled) when
 they fit, else in dynamic shared memory, else they are recomputed.
 """
@@ -64,6 +67,31 @@ def _choose_shape(R, V, cache_types, item_bytes=1) -> _RowShape:
     return _RowShape("block", "recompute", 256, T.BLOCK_BOUND)
 
 
+def _columns(b, domain, rdims) -> bool:
+    """The column shape: static sizes, at least 32 rows, and the largest operand (a domain-ranked read) has its
+    unit stride on the last kept dim and none on the last reduced one."""
+    outer = [d for d in range(len(domain)) if d not in rdims]
+    if not rdims or not outer or not all(isinstance(s, int) for s in domain):
+        return False
+    if product_int(domain[d] for d in outer) < 32 or product_int(domain[d] for d in rdims) < 2:
+        return False
+    reads = [op.meta for op in b.operands if op.meta is not None and op.meta.rank == len(domain)
+             and all(isinstance(s, int) for s in op.meta.shape)]
+    if not reads:
+        return False
+    big = max(reads, key=lambda m: m.numel)
+    st = big.stride
+    return (st[outer[-1]] == 1 and big.shape[outer[-1]] > 1 and st[rdims[-1]] != 1
+            and big.numel >= product_int(domain))
+
+
+def product_int(sizes) -> int:
+    n = 1
+    for s in sizes:
+        n *= s
+    return n
+
+
 def emit_reduction(fg: FusionGraph, group) -> KernelSource:
     check_supported(fg, group)
     rank = len(group.domain)
@@ -71,6 +99,8 @@ def emit_reduction(fg: FusionGraph, group) -> KernelSource:
     plan = RowPlan(fg, group, probe.meta_of)
     rdims = list(plan.rdims)
     L = rank - 1
+    if _columns(probe, tuple(group.domain), rdims):
+        return _gen_reduction(fg, group, 1, columns=True)
     V = T.vec_width(probe, group.domain[L]) if rdims and rdims[-1] == L else 1
     if V > 1:
         src = _gen_reduction(fg, group, V)
@@ -79,8 +109,9 @@ def emit_reduction(fg: FusionGraph, group) -> KernelSource:
     return _gen_reduction(fg, group, 1)
 
 
-def _gen_reduction(fg: FusionGraph, group, V: int):
-    """The kernel with chunks of V elements; None when V > 1 but no access became a vector."""
+def _gen_reduction(fg: FusionGraph, group, V: int, columns: bool = False):
+    """The kernel with chunks of V elements; None when V > 1 but no access became a vector. columns: the
+    column shape (V 1, values recomputed in each phase rather than cached)."""
     b = CudaBuilder(fg, group)
     plan = RowPlan(fg, group, b.meta_of)
     rank = len(group.domain)
@@ -92,7 +123,8 @@ def _gen_reduction(fg: FusionGraph, group, V: int):
         R = R * group.domain[d] if isinstance(group.domain[d], int) and isinstance(R, int) else None
     cache_types = [C.compute(b.meta_of(ref_of(k)).dtype) for k in plan.cached]
     item_bytes = min((op.meta.dtype.itemsize for op in b.operands), default=4)
-    shape = _choose_shape(R, V, cache_types, item_bytes)
+    shape = (_RowShape("column", "recompute" if cache_types else "none", 256, T.COLUMN_BOUND) if columns
+             else _choose_shape(R, V, cache_types, item_bytes))
     cached = [] if shape.cache == "recompute" else list(plan.cached)
     # 8-byte values first so every shared-memory slice stays aligned
     order = sorted(range(len(cached)), key=lambda i: -_ctype_size(cache_types[i]))
@@ -103,8 +135,8 @@ def _gen_reduction(fg: FusionGraph, group, V: int):
     vnames = dict(names)
     if V > 1:
         vnames[L] = "i%db" % L
-    allreduce = ("fb::warp_allreduce<fb::%s>(%s)" if shape.mode == "warp"
-                 else "fb::block_allreduce<fb::%s>(%s, fb_scratch)")
+    allreduce = {"warp": "fb::warp_allreduce<fb::%s>(%s)", "column": "fb::col_allreduce<fb::%s>(%s, fb_cols)",
+                 "block": "fb::block_allreduce<fb::%s>(%s, fb_scratch)"}[shape.mode]
 
     def chunk_loop(lines, vs, cache, V):
         nc = "NC" if V > 1 else "R"
@@ -148,7 +180,7 @@ def _gen_reduction(fg: FusionGraph, group, V: int):
         lines, end = driver.run(loop, lambda dtype, op, node: C.compute(dtype), after_loop, new_vec)
         row += lines
         if end:
-            row += ["if (tr == 0) {"] + indent(end, 2) + ["}"]
+            row += ["if (tr == 0%s) {" % (" && live" if shape.mode == "column" else "")] + indent(end, 2) + ["}"]
         return row, conds, any(any_vec)
 
     vrow, conds, any_vec = gen_row(True, shape.cache, V) if V > 1 else ([], [], False)
@@ -166,6 +198,10 @@ def _gen_reduction(fg: FusionGraph, group, V: int):
                  "const int64_t rows_per_block = blockDim.x >> 5;",
                  "const int64_t row0 = (int64_t)blockIdx.x * rows_per_block + (threadIdx.x >> 5);",
                  "const int64_t row_step = (int64_t)gridDim.x * rows_per_block;"]
+    elif shape.mode == "column":          # lane: the row; warp: a slice of the reduced index
+        body += ["__shared__ double fb_cols[1024];",
+                 "const int tr = threadIdx.x >> 5;", "const int64_t nt = blockDim.x >> 5;",
+                 "const int64_t lane = threadIdx.x & 31;"]
     else:
         body += ["__shared__ double fb_scratch[32];",
                  "const int tr = threadIdx.x;", "const int64_t nt = blockDim.x;",
@@ -180,6 +216,11 @@ def _gen_reduction(fg: FusionGraph, group, V: int):
             off.append("R * %d" % _ctype_size(cache_type[k]))
 
     def rows(row_lines):
+        if shape.mode == "column":        # a dead lane (past the last row) computes the last row, writes nothing
+            return (["for (int64_t ob = (int64_t)blockIdx.x * 32; ob < O; ob += (int64_t)gridDim.x * 32) {",
+                     "  const bool live = ob + lane < O; (void)live;",
+                     "  const int64_t o = live ? ob + lane : O - 1;"]
+                    + indent(delinearize("o", outer, names), 2) + indent(row_lines, 2) + ["}"])
         return (["for (int64_t o = row0; o < O; o += row_step) {"]
                 + indent(delinearize("o", outer, names), 2) + indent(row_lines, 2) + ["}"])
 

@@ -31,6 +31,7 @@ ROW_CACHE = "auto"          # "auto": registers when the row fits the two limits
 WARP_ROW_MAX = 1024         # rows this short run one per warp (no block barrier)
 WARP_ROWS_PER_BLOCK = 4     # warps (rows) per block in the warp shape
 BLOCK_BOUND = 1024          # __launch_bounds__ of block-per-row kernels that hold nothing in registers
+COLUMN_BOUND = 512          # __launch_bounds__ of column kernels: 32 rows a block, up to 16 warps on each
 SMEM_CACHE_MAX = 160 * 1024 # dynamic shared memory for a cached row (the runtime checks the device's limit)
 # Tiled pointwise kernels (cuda_tiled.py): a transpose through TILE x TILE shared tiles. 32 = a warp's lanes,
 # so each phase's warp access is one 128-byte line for float32. A side shorter than TILE_MIN leaves most lanes

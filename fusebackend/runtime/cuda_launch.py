@@ -83,7 +83,12 @@ def plan_launch(spec, meta, dev: DeviceInfo, occupancy=None):
             return None
         items = int(hints.get("items_per_thread", 0))
         smem = 0
-        if shape == "row_warp":
+        if shape == "row_column":         # 32 rows a block; warps enough to fill the device, at most 16
+            groups = -(-O // 32)
+            warps = -(-dev.sm_count * 2048 // (32 * groups))
+            threads = 32 * max(2, min(16, tmax // 32, 1 << max(0, (warps - 1).bit_length()), -(-R // 4)))
+            need = groups
+        elif shape == "row_warp":
             if items and R > 32 * items:
                 raise LayoutMismatch("row of %d elements exceeds the %d the kernel holds per warp" % (R, 32 * items))
             threads = max(32, min(int(hints.get("threads", 128)), tmax, 32 * O))

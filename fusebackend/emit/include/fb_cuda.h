@@ -136,4 +136,19 @@ template <class R, class T> FB_DEV T block_allreduce(T v, double* scratch) {
   return w;
 }
 
+// Column all-reduce (the row_column kernels: a lane per row, the block's warps splitting each row's reduced
+// index): every thread gets the combination of its lane's values over all warps, in warp order. `scratch` holds
+// 32 x 32 values of at least 8 bytes; the trailing barrier makes it reusable.
+template <class R, class T> FB_DEV T col_allreduce(T v, double* scratch) {
+  T* s = reinterpret_cast<T*>(scratch);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+  if (nwarps == 1) return v;
+  s[warp * 32 + lane] = v;
+  __syncthreads();
+  T w = s[lane];
+  for (int k = 1; k < nwarps; ++k) w = R::combine(w, s[k * 32 + lane]);
+  __syncthreads();
+  return w;
+}
+
 }  // namespace fb
