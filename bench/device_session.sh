@@ -19,7 +19,9 @@
 #     T: (s7) GPU tests alone, then offload at 25%/50% with the link backlog known (gated prefetch, and the old
 #     one-expert prefetch), the fixed strategies beside; U: GPU tests, fuzzer, bench/gpu.py after --fmad=true;
 #     V: GPU tests, masked_softmax, AdamW step; W: zoo; X: (next session) GPU tests, fuzz, transpose, zoo rows;
-#     Y: (next session) offload at 100% and with accelerate, HF generate; Z, Z2, Z3: (s8) the last calls
+#     Y: (next session) offload at 100% and with accelerate, HF generate; Z, Z2, Z3: (s8) the last calls;
+#     A9: (s9) the grouped all-resident MoE path and the pool+mean row kernel; B9: (s9) GPU tests after the
+#     column reductions, small_cnn
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -329,6 +331,33 @@ Z3)  # s8's final call: GPU tests after the softmax reciprocal and the 64-row bf
     python3 bench/profile_gpu.py --zoo gpt2_block_eager_attn --fuse-only
   grep -E "^  fb_|Duration|Compute \(SM\)|DRAM Throughput|Registers Per|Achieved Occupancy|Warp Cycles Per Issued" \
     "$OUT/ncu_attn.log" | head -40
+  ;;
+A9)  # s9's first call: the grouped all-resident MoE path and the BN+ReLU+pool+mean row kernel -- their GPU tests,
+     # a fuzzer, the 100% budget (grouped against the sorted path), small_cnn in both layouts and its profile
+  step gpu_tests_sel 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_resident_grouped.py \
+    tests/test_hybrid_moe.py tests/test_pools.py tests/test_conv_layout.py tests/test_moe_resident.py tests/test_cuda.py
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests_sel.log" | head -30
+  TAIL=8 step fuzz_gpu 50 python3 bench/fuzz_gpu.py --seconds 38 --seed 171 --log "$OUT/fuzz_171.cases.txt"
+  TAIL=32 step offload_full 110 python3 bench/offload.py --budgets 1 --strategies gpu_all,pinned,fuse \
+    --time-limit 95 --cell-limit 8 --out "$OUT/offload_full"
+  TAIL=14 step offload_sorted 60 python3 bench/offload.py --budgets 1 --strategies fuse --fast-path sorted \
+    --time-limit 45 --cell-limit 8 --out "$OUT/offload_sorted"
+  TAIL=3 step zoo_cnn 45 python3 bench/zoo.py --size bench --dtype bfloat16 --only small_cnn --out "$OUT/zoo_cnn.json"
+  TAIL=3 step zoo_cnn_auto 45 python3 bench/zoo.py --size bench --dtype bfloat16 --only small_cnn \
+    --options '{"conv_layout": "auto"}' --out "$OUT/zoo_cnn_auto.json"
+  TAIL=16 step prof_cnn_auto 40 python3 bench/profile_gpu.py --torch-profiler --zoo small_cnn --fuse-only \
+    --options '{"conv_layout": "auto"}'
+  ;;
+B9)  # s9's second call: all GPU tests and a fuzzer after the column reductions (NHWC pool + mean) and the
+     # softmax-check fix; small_cnn in both layouts and where its time goes
+  step gpu_tests 290 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
+  TAIL=8 step fuzz_gpu 50 python3 bench/fuzz_gpu.py --seconds 38 --seed 181 --log "$OUT/fuzz_181.cases.txt"
+  TAIL=3 step zoo_cnn 45 python3 bench/zoo.py --size bench --dtype bfloat16 --only small_cnn --out "$OUT/zoo_cnn.json"
+  TAIL=3 step zoo_cnn_auto 45 python3 bench/zoo.py --size bench --dtype bfloat16 --only small_cnn \
+    --options '{"conv_layout": "auto"}' --out "$OUT/zoo_cnn_auto.json"
+  TAIL=12 step prof_cnn_auto 40 python3 bench/profile_gpu.py --torch-profiler --zoo small_cnn --fuse-only \
+    --options '{"conv_layout": "auto"}'
   ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \

@@ -121,6 +121,10 @@ def test_special_values_as_eager(lib, op):
         special &= ~((x.abs() < 1.17549435e-38) & (x != 0) & (got == x))
     if op == "Gelu":
         special &= ~((x.abs() > 3e38) & (got == fn(x.double()).float()) | (got.isnan() & (x == -float("inf"))))
+        # the sign of GELU's zero below about -10 (and at -0) depends on the CPU eager runs on: its float32 loop
+        # gave +0 on an AVX2 EPYC box, -0 on the box before it, as the float64 answer does; ours follows float64
+        r64 = fn(x.double()).float()
+        special &= ~((got == 0) & (eager == 0) & (torch.signbit(got) == torch.signbit(r64)))
     assert same[special].all(), "%s: %s" % (op, [(a.item(), b.item(), c.item()) for a, b, c in
                                                zip(x[special & ~same], got[special & ~same], eager[special & ~same])])
 
