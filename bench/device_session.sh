@@ -21,7 +21,8 @@
 #     V: GPU tests, masked_softmax, AdamW step; W: zoo; X: (next session) GPU tests, fuzz, transpose, zoo rows;
 #     Y: (next session) offload at 100% and with accelerate, HF generate; Z, Z2, Z3: (s8) the last calls;
 #     A9: (s9) the grouped all-resident MoE path and the pool+mean row kernel; B9: (s9) GPU tests after the
-#     column reductions, small_cnn
+#     column reductions, small_cnn; C9: (s9) conv_layout auto by default;
+#     D9: (s9) the tests C9's box cut, MoE and decode anchors
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -358,6 +359,21 @@ B9)  # s9's second call: all GPU tests and a fuzzer after the column reductions 
     --options '{"conv_layout": "auto"}' --out "$OUT/zoo_cnn_auto.json"
   TAIL=12 step prof_cnn_auto 40 python3 bench/profile_gpu.py --torch-profiler --zoo small_cnn --fuse-only \
     --options '{"conv_layout": "auto"}'
+  ;;
+C9)  # s9's last call: all GPU tests with conv_layout "auto" the default and 32-bit index division in strided
+     # pointwise kernels; small_cnn's profile; a fuzzer; the zoo without the HF models (the rest of the box)
+  step gpu_tests 235 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -30
+  TAIL=12 step prof_cnn 35 python3 bench/profile_gpu.py --torch-profiler --zoo small_cnn --fuse-only
+  TAIL=8 step fuzz_gpu 45 python3 bench/fuzz_gpu.py --seconds 33 --seed 191 --log "$OUT/fuzz_191.cases.txt"
+  TAIL=14 step zoo 215 python3 bench/zoo.py --size bench --dtype bfloat16 --skip-hf --out "$OUT/zoo.json"
+  ;;
+D9)  # s9: the GPU tests C9's box cut (the zoo's, after test_wrapper), and the MoE / decode anchors
+  step gpu_tests_rest 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/zoo tests/test_wrapper.py \
+    tests/test_safe_softmax.py tests/test_wrapper_layouts.py tests/test_view_steps.py tests/test_takes.py
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests_rest.log" | head -30
+  TAIL=8 step gpu_moe 90 python3 bench/gpu.py --only moe --out "$OUT/gpu_moe.json"
+  TAIL=8 step gpu_decode 60 python3 bench/gpu.py --only decode --out "$OUT/gpu_decode.json"
   ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \

@@ -39,7 +39,7 @@ def plan_graph(gm, opts: FuseOptions) -> dict:
     """fuse's grouping of one ATen graph, with launches counted as the runtime would make them."""
     fg = lower(gm)
     moe_layers.rewrite(fg, opts, "inference", GraphReport(kind="inference", graph=fg))   # as compile_graph does
-    groups, batches = plan_groups(fg, opts.max_group_nodes)
+    groups, batches = plan_groups(fg, opts.max_group_nodes, opts.conv_layout)
     source, failed = {}, []
     for g in groups:
         if g.is_kernel:

@@ -67,10 +67,9 @@ class FuseOptions:
     moe_op: bool = dataclasses.field(default_factory=lambda: os.environ.get("FUSEBACKEND_MOE_OP", "1") != "0")
     # Memory layout of 2-D convolutions and the kernels between them (passes/layout.py): 'auto' runs them
     # channels-last on CUDA where TorchInductor's rule would; 'channels_last' always; 'contiguous' never.
-    # Default 'contiguous': on the H200 (2026-12-02) 'auto' made small_cnn bf16 slower, 3.15 -> 4.52 ms
-    # (Inductor 1.37): our NHWC epilogue kernel walks element by element with 64-bit index division (1.04 ms a
-    # launch) and batch norm / max pooling stay separate ATen calls; to be the default once those are fixed.
-    conv_layout: str = "contiguous"
+    # Default 'auto' since s9 (H200, 2026-12-04: small_cnn bf16 1.37 ms against 1.64 contiguous, Inductor 1.37),
+    # once batch norm and pooling fused and the NHWC pool + mean became a column reduction.
+    conv_layout: str = "auto"
 
     @classmethod
     def from_dict(cls, options) -> "FuseOptions":

@@ -190,6 +190,7 @@ def test_cpu_graphs_and_contiguous_mode_are_unchanged():
 
 
 def test_conv_layout_option_is_validated():
+    assert FuseOptions().conv_layout == "auto"                 # CUDA graphs by Inductor's rule; CPU ones as they are
     assert FuseOptions.from_dict({"conv_layout": "channels_last"}).conv_layout == "channels_last"
     with pytest.raises(OptionError, match="conv_layout"):
         FuseOptions.from_dict({"conv_layout": "nhwc"})

@@ -32,7 +32,8 @@ def test_channels_last_epilogue_walks_channels_fastest_and_matches_eager(shape):
     assert got.stride() == want.stride()
     src = "\n".join(s.source for s in specs)
     if shape[1] > 1:
-        assert "const int64_t i1 = rem_li % d1;" in src      # channels are the innermost index of the walk
+        # channels are the innermost index of the walk (32-bit divisions where the indices fit, 64-bit else)
+        assert "i1 = r32_li % (uint32_t)d1;" in src and "i1 = rem_li % d1;" in src
 
 
 def test_contiguous_epilogue_keeps_its_vectorised_walk():

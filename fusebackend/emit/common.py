@@ -68,6 +68,29 @@ def delinearize(var: str, dims: list, names=None) -> list:
     return lines
 
 
+def delinearize_narrow(var: str, dims: list, names=None, small="fb_i32") -> list:
+    """delinearize, with 32-bit divisions where the kernel's `small` flag says every linear index fits in 31
+    bits: a 64-bit division by a run-time size is a ~70-instruction routine, a 32-bit one a few; a strided or
+    channels-last pointwise kernel pays rank - 1 of each per element."""
+    if len(dims) < 2:
+        return delinearize(var, dims, names)
+    name = (lambda d: names[d]) if names is not None else (lambda d: "i%d" % d)
+    lines = ["int64_t %s;" % ", ".join(name(d) for d in dims), "if (%s) {" % small,
+             "  uint32_t r32_%s = (uint32_t)%s;" % (var, var)]
+    for k, d in enumerate(reversed(dims)):
+        if k == len(dims) - 1:
+            lines.append("  %s = r32_%s;" % (name(d), var))
+        else:
+            lines.append("  %s = r32_%s %% (uint32_t)d%d; r32_%s /= (uint32_t)d%d;" % (name(d), var, d, var, d))
+    lines += ["} else {", "  int64_t rem_%s = %s;" % (var, var)]
+    for k, d in enumerate(reversed(dims)):
+        if k == len(dims) - 1:
+            lines.append("  %s = rem_%s;" % (name(d), var))
+        else:
+            lines.append("  %s = rem_%s %% d%d; rem_%s /= d%d;" % (name(d), var, d, var, d))
+    return lines + ["}"]
+
+
 def product(dims: list) -> str:
     return " * ".join("d%d" % d for d in dims) if dims else "(int64_t)1"
 

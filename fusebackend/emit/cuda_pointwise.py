@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..graph.fusion_graph import FusionGraph
 from . import cuda_target as T
-from .common import check_supported, delinearize, flat_ok, indent, product
+from .common import check_supported, delinearize, delinearize_narrow, flat_ok, indent, product
 from .cuda_vec import CudaBuilder, VecState
 from .kernel import KernelSource
 
@@ -66,7 +66,9 @@ def emit_pointwise(fg: FusionGraph, group) -> KernelSource:
         "const int64_t n = %s;" % product(list(range(rank))),
         "if (n == 0) return;",
         "const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;",
-        "const int64_t nthr = (int64_t)gridDim.x * blockDim.x;"] + [l for l in b.pre]
+        "const int64_t nthr = (int64_t)gridDim.x * blockDim.x;",
+        "const bool fb_i32 = n <= 0x7fffffff; (void)fb_i32;   // every index fits 32-bit divisions"] + [
+        l for l in b.pre]
     body = list(head)
     one = ["const int64_t i0 = li; (void)i0;"] if rank == 1 else []
     if flat:
@@ -99,12 +101,13 @@ def emit_pointwise(fg: FusionGraph, group) -> KernelSource:
             body += ["const bool vec_ok = %s;" % " && ".join(vstate.conds or ["true"]),
                      "if (vec_ok) {"] + indent(chunk_loop(vbody, vstate), 2) + ["  return;", "}"]
             body += ["for (int64_t li = tid; li < n; li += nthr) {"]
-            body += indent(delinearize("li", list(range(rank)), names), 2) + indent(sbody, 2) + ["}"]
+            body += indent(delinearize_narrow("li", list(range(rank)), names), 2) + indent(sbody, 2) + ["}"]
         else:
             body += chunk_loop(sbody, None)
     else:
         body += ["for (int64_t li = tid; li < n; li += nthr) {"]
-        body += indent(delinearize("li", order if permuted else list(range(rank)), names), 2) + indent(sbody, 2)
+        body += indent(delinearize_narrow("li", order if permuted else list(range(rank)), names), 2)
+        body += indent(sbody, 2)
         body += ["}"]
     launch = {"shape": "pointwise", "vec": V, "threads": T.PW_THREADS, "threads_max": T.PW_BOUND}
     return T.finish(group, b, "pointwise", body, T.PW_BOUND, launch)
