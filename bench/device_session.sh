@@ -22,7 +22,7 @@
 #     Y: (next session) offload at 100% and with accelerate, HF generate; Z, Z2, Z3: (s8) the last calls;
 #     A9: (s9) the grouped all-resident MoE path and the pool+mean row kernel; B9: (s9) GPU tests after the
 #     column reductions, small_cnn; C9: (s9) conv_layout auto by default;
-#     D9: (s9) the tests C9's box cut, MoE and decode anchors
+#     D9: (s9) the tests C9's box cut, MoE and decode anchors; E9: (s9) NHWC vectors
 # Results under $OUT (the device tool's output folder; default bench/results/device).
 set -u
 OUT=${OUT:-bench/results/device}
@@ -374,6 +374,14 @@ D9)  # s9: the GPU tests C9's box cut (the zoo's, after test_wrapper), and the M
   grep -E "^FAILED|^ERROR" "$OUT/gpu_tests_rest.log" | head -30
   TAIL=8 step gpu_moe 90 python3 bench/gpu.py --only moe --out "$OUT/gpu_moe.json"
   TAIL=8 step gpu_decode 60 python3 bench/gpu.py --only decode --out "$OUT/gpu_decode.json"
+  ;;
+E9)  # s9's short last call: channels-last pointwise kernels vectorised along the channels -- their GPU tests,
+     # small_cnn's time and profile
+  step gpu_tests_cl 70 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_conv_layout.py tests/test_pools.py \
+    tests/test_cuda.py
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests_cl.log" | head -30
+  TAIL=3 step zoo_cnn 35 python3 bench/zoo.py --size bench --dtype bfloat16 --only small_cnn --out "$OUT/zoo_cnn.json"
+  TAIL=10 step prof_cnn 25 python3 bench/profile_gpu.py --torch-profiler --zoo small_cnn --fuse-only
   ;;
 E)
   step fuzz_gpu $(( ${FUZZ_S:-400} + 30 )) python3 bench/fuzz_gpu.py --seconds "${FUZZ_S:-400}" --seed 32 \

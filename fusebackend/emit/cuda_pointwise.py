@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..graph.fusion_graph import FusionGraph
 from . import cuda_target as T
-from .common import check_supported, delinearize, delinearize_narrow, flat_ok, indent, product
+from .common import check_supported, delinearize_narrow, flat_ok, indent, product
 from .cuda_vec import CudaBuilder, VecState
 from .kernel import KernelSource
 
@@ -34,15 +34,15 @@ def emit_pointwise(fg: FusionGraph, group) -> KernelSource:
     flat = flat_ok(fg, group, probe)
     order = iteration_order(fg, group)
     permuted = not flat and order != list(range(rank))
+    walk = order if permuted else list(range(rank))
+    # vectors run along the walk's innermost dim: the last one, or a channels-last value's channels
+    L = walk[-1] if rank else -1
     if flat:
         V = max(1, min(T.MAX_VEC, T.PW_VEC_BYTES // min(op.meta.dtype.itemsize for op in probe.operands)))
-    elif permuted:
-        V = 1                   # vectors run along the last dim; a permuted walk has another innermost
     else:
-        V = T.vec_width(probe, group.domain[-1] if rank else 1, T.PW_VEC_BYTES)
+        V = T.vec_width(probe, group.domain[L] if rank else 1, T.PW_VEC_BYTES)
     b = CudaBuilder(fg, group, flat_index="li" if flat else None)
     b.hoist = True
-    L = rank - 1
     idx = tuple("i%d" % d for d in range(rank))
     names = {d: "i%d" % d for d in range(rank)}
 
@@ -85,13 +85,13 @@ def emit_pointwise(fg: FusionGraph, group) -> KernelSource:
             body += ["  }", "  start = nv * %d;" % V, "}"]
         body += ["for (int64_t li = start + tid; li < n; li += nthr) {"] + indent(one + sbody, 2) + ["}"]
     elif V > 1:
-        # chunks of V along the innermost dim (its size is a multiple of V): one index division per chunk
+        # chunks of V along the walk's innermost dim (its size is a multiple of V): one index division per chunk
         vnames = dict(names)
         vnames[L] = "i%db" % L
 
         def chunk_loop(lines, vs):
             out = ["for (int64_t c = tid; c < n / %d; c += nthr) {" % V, "  const int64_t cb = c * %d;" % V]
-            out += indent(delinearize("cb", list(range(rank)), vnames), 2)
+            out += indent(delinearize_narrow("cb", walk, vnames), 2)
             out += indent(vs.pre if vs else [], 2)
             out += ["  #pragma unroll", "  for (int j = 0; j < %d; ++j) {" % V,
                     "    const int64_t i%d = i%db + j; (void)i%d;" % (L, L, L)]
@@ -101,12 +101,12 @@ def emit_pointwise(fg: FusionGraph, group) -> KernelSource:
             body += ["const bool vec_ok = %s;" % " && ".join(vstate.conds or ["true"]),
                      "if (vec_ok) {"] + indent(chunk_loop(vbody, vstate), 2) + ["  return;", "}"]
             body += ["for (int64_t li = tid; li < n; li += nthr) {"]
-            body += indent(delinearize_narrow("li", list(range(rank)), names), 2) + indent(sbody, 2) + ["}"]
+            body += indent(delinearize_narrow("li", walk, names), 2) + indent(sbody, 2) + ["}"]
         else:
             body += chunk_loop(sbody, None)
     else:
         body += ["for (int64_t li = tid; li < n; li += nthr) {"]
-        body += indent(delinearize_narrow("li", order if permuted else list(range(rank)), names), 2)
+        body += indent(delinearize_narrow("li", walk, names), 2)
         body += indent(sbody, 2)
         body += ["}"]
     launch = {"shape": "pointwise", "vec": V, "threads": T.PW_THREADS, "threads_max": T.PW_BOUND}
