@@ -110,5 +110,21 @@ class SimApi(cw.CudaApi):
         dst.copy_(src)
 
 
+class CountingApi(SimApi):
+    """SimApi counting the routing waits (non-timing events synchronized): each is a host round trip."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+
+    def event(self, timing=False):
+        api = self
+
+        class Ev(_Ev):
+            def synchronize(self):          # the routing event (timing events are only read back, done)
+                api.syncs += not timing
+        return Ev()
+
+
 def sim_layer(experts, **kw):
     return hm.HybridMoELayer(experts, api=SimApi(), **kw)

@@ -6,7 +6,7 @@ import torch
 
 from fusebackend.runtime import hybrid_moe as hm
 from fusebackend.runtime.cost_correction import CostCorrection
-from hybrid_sim import _Ev, assert_like_eager, Forced, make_experts, make_routing, sim_layer, SimApi  # noqa: E402
+from hybrid_sim import assert_like_eager, CountingApi, Forced, make_experts, make_routing, sim_layer, SimApi  # noqa: E402
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
@@ -207,20 +207,6 @@ def test_sim_layer_learns_a_slow_cpu_and_stops_choosing_it():
     assert first[0].name == "reference-h200" and "corrected" in last[0].name
     rows = lambda d: len(d.cpu) + (d.split[1] if d.split else 0)         # noqa: E731
     assert rows(last[1]) < rows(first[1])
-
-
-class CountingApi(SimApi):
-    def __init__(self):
-        super().__init__()
-        self.syncs = 0
-
-    def event(self, timing=False):
-        api = self
-
-        class Ev(_Ev):
-            def synchronize(self):          # the routing event (timing events are only read back, done)
-                api.syncs += not timing
-        return Ev()
 
 
 def test_sim_all_resident_fast_path_skips_the_scheduler_and_the_host_round_trip(monkeypatch):

@@ -135,15 +135,18 @@ def test_eval_mode_batch_norm_without_affine_and_other_ranks():
 @pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="g++ not installed")
 def test_cuda_kernel_of_bn_relu_pool_emulated():
     """The CUDA kernel of the fused block (run by the CPU emulator of generated CUDA): one kernel."""
+    assert _emulated_kinds(Block().eval(), torch.randn(2, 8, 10, 12, generator=_g(20))) == ["pointwise"]
+
+
+def _emulated_kinds(model, x):
+    """The model compiled for CUDA and run by the CPU emulator, against eager: the kinds of its kernels."""
     from test_inplace_cuda_emu import compile_emulated
-    model = Block().eval()
-    x = torch.randn(2, 8, 10, 12, generator=_g(20))
     specs = []
     with torch.no_grad():
         got = compile_emulated(model, specs)(x)
         want = model(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert [s.kind for s in specs] == ["pointwise"]
+    return [s.kind for s in specs]
 
 
 def test_channels_last_input_and_a_one_d_pool():
@@ -182,12 +185,5 @@ def test_bn_relu_pool_mean_is_one_reduction_kernel(shape, pool):
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_cuda_row_kernel_of_bn_relu_pool_mean_emulated(memory_format):
     """The CUDA row kernel with that prologue read through strided slices (the CPU emulator of generated CUDA)."""
-    from test_inplace_cuda_emu import compile_emulated
-    model = PoolMean(kernel_size=3, stride=2).eval()
     x = torch.randn(2, 8, 11, 14, generator=_g(23)).contiguous(memory_format=memory_format)
-    specs = []
-    with torch.no_grad():
-        got = compile_emulated(model, specs)(x)
-        want = model(x)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert [s.kind for s in specs] == ["reduction"]
+    assert _emulated_kinds(PoolMean(kernel_size=3, stride=2).eval(), x) == ["reduction"]

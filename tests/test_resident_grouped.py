@@ -7,23 +7,9 @@ import torch
 
 from fusebackend.runtime import hybrid_moe as hm
 from fusebackend.runtime import resident_moe as rm
-from hybrid_sim import _Ev, assert_like_eager, Forced, make_experts, make_routing, SimApi  # noqa: E402
+from hybrid_sim import assert_like_eager, CountingApi, Forced, make_experts, make_routing, SimApi  # noqa: E402
 
 pytestmark = pytest.mark.skipif(rm.grouped_mm_fn() is None, reason="this torch has no grouped matmul")
-
-
-class CountingApi(SimApi):
-    def __init__(self):
-        super().__init__()
-        self.syncs = 0
-
-    def event(self, timing=False):
-        api = self
-
-        class Ev(_Ev):
-            def synchronize(self):
-                api.syncs += not timing
-        return Ev()
 
 
 def layer_of(experts, **kw):
