@@ -4,8 +4,9 @@
 
 The model runs under Dynamo on the CPU; each graph is retargeted to fake CUDA tensors (bench/fake_cuda.py)
 and captured by AOT autograd with fuse's decompositions; then fuse's passes and its CUDA emitter run on
-it as in a real compile -- nothing is compiled or launched. Printed per model: kernels (a horizontal batch of
-one source counts once), ATen calls (opaque ops and groups whose emit failed) and views, summed over the
+it as in a real compile -- nothing is compiled or launched. Printed per model: kernels (a horizontal batch
+counts as the runtime launches it: one launch per launch class, up to MAX_CHAINS kernel bodies), ATen calls
+(opaque ops and groups whose emit failed) and views, summed over the
 forward graphs. A prediction, not a measurement: NVRTC could still reject a kernel on the GPU, and the SDPA
 backend is chosen by fake_cuda.sdpa_sm90's rule. The H100 image has transformers 5.17; another version may
 build other masks (put a 5.17 copy first on PYTHONPATH to match it). Batch and sequence length are cut to
@@ -18,6 +19,7 @@ import dataclasses
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,6 +35,8 @@ from fusebackend.emit import EmitError, emit_kernel  # noqa: E402
 from fusebackend.graph import lower  # noqa: E402
 from fusebackend.options import FuseOptions  # noqa: E402
 from fusebackend.passes import plan_groups  # noqa: E402
+from fusebackend.passes.horizontal_cost import MAX_CHAINS  # noqa: E402
+from fusebackend.runtime.batch import launch_sets  # noqa: E402
 
 
 def plan_graph(gm, opts: FuseOptions) -> dict:
@@ -48,13 +52,10 @@ def plan_graph(gm, opts: FuseOptions) -> dict:
             except EmitError as e:
                 failed.append((g, str(e)))
     merged = 0
-    for b in batches:          # members sharing one source with a batch entry become one launch
-        by_src = {}
-        for gid in b.groups:
-            spec = source.get(gid)
-            if spec is not None and spec.batch_name:
-                by_src[spec.source] = by_src.get(spec.source, 0) + 1
-        merged += sum(n - 1 for n in by_src.values() if n >= 2)
+    for b in batches:          # members with a batch entry share launches as the runtime groups them
+        members = [SimpleNamespace(spec=source[g]) for g in b.groups if g in source and source[g].batch_name]
+        if len(members) >= 2:
+            merged += len(members) - len(launch_sets(members, MAX_CHAINS))
     return {"kernels": len(source) - merged,
             "aten_calls": sum(1 for g in groups if g.kind == "opaque") + sum(len(g.nodes) for g, _ in failed),
             "views": sum(1 for g in groups if g.kind == "view"),
