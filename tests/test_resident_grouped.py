@@ -95,3 +95,21 @@ def test_grouped_on_the_gpu_matches_eager_and_never_syncs():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert not layer._route
+
+
+def test_padding_ids_contribute_nothing_as_in_the_sorted_path():
+    """Routing ids outside [0, E) (padding) count for no expert on every path: the grouped one computes no
+    group for them and masks their rows, whatever the grouped matmul left there."""
+    experts = make_experts(8, 32, 48, torch.float32, seed=11)
+    x = torch.randn(3, 32)
+    idx = torch.tensor([[2, -1], [8, 5], [5, 2]])
+    w = torch.tensor([[0.6, 0.4], [0.3, 0.7], [0.5, 0.5]])
+    outs = {}
+    for fp in ("grouped", "sorted", "dense"):
+        layer = layer_of(experts, fast_path=fp)
+        outs[fp] = layer(x, idx, w)
+    keep = torch.tensor([[0.6, 0.0], [0.0, 0.7], [0.5, 0.5]])
+    safe = torch.where((idx >= 0) & (idx < 8), idx, 0)
+    assert_like_eager(outs["grouped"], x, safe, keep, experts)
+    torch.testing.assert_close(outs["grouped"], outs["sorted"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs["grouped"], outs["dense"], rtol=1e-5, atol=1e-6)

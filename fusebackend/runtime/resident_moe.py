@@ -43,7 +43,10 @@ def grouped_forward(stack, hidden, idx, weights, ffn, acc_dtype):
     """hidden [T, H], idx / weights [T, k] -> [T, H] in hidden's dtype, from the stacked resident experts."""
     E, (T, H), k = stack.shape[0], hidden.shape, idx.shape[-1]
     flat = idx.reshape(-1)
-    e_sorted, order = torch.sort(flat, stable=True)
+    # padding ids (outside [0, E)) sort last, past every expert's rows: no group computes them, and their
+    # output rows (never written by the grouped matmul) are masked out of the sum below
+    pad = (flat < 0) | (flat >= E)
+    e_sorted, order = torch.sort(torch.where(pad, torch.full_like(flat, E), flat), stable=True)
     tok = torch.div(order, k, rounding_mode="floor")
     bounds = torch.arange(E, device=flat.device, dtype=e_sorted.dtype)
     offs = torch.searchsorted(e_sorted, bounds, right=True).to(torch.int32)   # each expert's end row
@@ -54,6 +57,7 @@ def grouped_forward(stack, hidden, idx, weights, ffn, acc_dtype):
     h = F.silu(p[:, :ffn]) * p[:, ffn:]
     y = gmm(h, down.transpose(1, 2), offs=offs)                  # [T*k, H]
     terms = y.to(acc_dtype) * weights.reshape(-1).index_select(0, order).to(acc_dtype)[:, None]
+    terms = torch.where((e_sorted < E)[:, None], terms, 0.0)
     acc = torch.zeros((T, H), dtype=acc_dtype, device=hidden.device).index_add_(0, tok, terms)
     return acc if acc_dtype == hidden.dtype else acc.to(hidden.dtype)
 
