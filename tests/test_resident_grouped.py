@@ -95,6 +95,11 @@ def test_grouped_on_the_gpu_matches_eager_and_never_syncs():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert not layer._route
+    x = torch.randn(3, 256, device="cuda").to(torch.bfloat16)             # padding ids count for nothing
+    idx = torch.tensor([[2, -1], [8, 5], [5, 2]], device="cuda")
+    w = torch.tensor([[0.6, 0.4], [0.3, 0.7], [0.5, 0.5]], device="cuda").to(torch.bfloat16)
+    keep = torch.tensor([[0.6, 0.0], [0.0, 0.7], [0.5, 0.5]], device="cuda").to(torch.bfloat16)
+    assert_like_eager(layer(x, idx, w), x, torch.where((idx >= 0) & (idx < 8), idx, 0), keep, experts)
 
 
 def test_padding_ids_contribute_nothing_as_in_the_sorted_path():
