@@ -51,6 +51,18 @@ def preamble(b: ExprBuilder, rank: int, target: str) -> list:
     return lines
 
 
+def _peel(rem: str, dims: list, name, decl: str, size) -> list:
+    """Lines taking dims' indices (innermost first) off the remainder variable `rem`; `decl` prefixes each
+    assignment ("const int64_t " or nothing), size(d) spells dim d's size."""
+    lines = []
+    for k, d in enumerate(reversed(dims)):
+        if k == len(dims) - 1:
+            lines.append("%s%s = %s;" % (decl, name(d), rem))
+        else:
+            lines.append("%s%s = %s %% %s; %s /= %s;" % (decl, name(d), rem, size(d), rem, size(d)))
+    return lines
+
+
 def delinearize(var: str, dims: list, names=None) -> list:
     """Index variables for `dims` (outermost first) from a linear index over those dims; dim d's variable is
     names[d] (default i<d>)."""
@@ -59,13 +71,8 @@ def delinearize(var: str, dims: list, names=None) -> list:
     name = (lambda d: names[d]) if names is not None else (lambda d: "i%d" % d)
     if len(dims) == 1:
         return ["const int64_t %s = %s;" % (name(dims[0]), var)]
-    lines = ["int64_t rem_%s = %s;" % (var, var)]
-    for k, d in enumerate(reversed(dims)):
-        if k == len(dims) - 1:
-            lines.append("const int64_t %s = rem_%s;" % (name(d), var))
-        else:
-            lines.append("const int64_t %s = rem_%s %% d%d; rem_%s /= d%d;" % (name(d), var, d, var, d))
-    return lines
+    return ["int64_t rem_%s = %s;" % (var, var)] + _peel("rem_" + var, dims, name, "const int64_t ",
+                                                          lambda d: "d%d" % d)
 
 
 def delinearize_narrow(var: str, dims: list, names=None, small="fb_i32") -> list:
@@ -75,20 +82,11 @@ def delinearize_narrow(var: str, dims: list, names=None, small="fb_i32") -> list
     if len(dims) < 2:
         return delinearize(var, dims, names)
     name = (lambda d: names[d]) if names is not None else (lambda d: "i%d" % d)
-    lines = ["int64_t %s;" % ", ".join(name(d) for d in dims), "if (%s) {" % small,
-             "  uint32_t r32_%s = (uint32_t)%s;" % (var, var)]
-    for k, d in enumerate(reversed(dims)):
-        if k == len(dims) - 1:
-            lines.append("  %s = r32_%s;" % (name(d), var))
-        else:
-            lines.append("  %s = r32_%s %% (uint32_t)d%d; r32_%s /= (uint32_t)d%d;" % (name(d), var, d, var, d))
-    lines += ["} else {", "  int64_t rem_%s = %s;" % (var, var)]
-    for k, d in enumerate(reversed(dims)):
-        if k == len(dims) - 1:
-            lines.append("  %s = rem_%s;" % (name(d), var))
-        else:
-            lines.append("  %s = rem_%s %% d%d; rem_%s /= d%d;" % (name(d), var, d, var, d))
-    return lines + ["}"]
+    narrow = _peel("r32_" + var, dims, name, "", lambda d: "(uint32_t)d%d" % d)
+    wide = _peel("rem_" + var, dims, name, "", lambda d: "d%d" % d)
+    return (["int64_t %s;" % ", ".join(name(d) for d in dims), "if (%s) {" % small,
+             "  uint32_t r32_%s = (uint32_t)%s;" % (var, var)] + ["  " + l for l in narrow]
+            + ["} else {", "  int64_t rem_%s = %s;" % (var, var)] + ["  " + l for l in wide] + ["}"])
 
 
 def product(dims: list) -> str:

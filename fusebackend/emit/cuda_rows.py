@@ -3,11 +3,13 @@ elements), threads striding over the reduced index in chunks of V, a warp-shuffl
 so every thread gets each result. Rows whose elements are strided in memory while consecutive rows are adjacent
 (a mean over H and W of an NHWC tensor) take the column shape instead: a lane per row, 32 rows per block, the
 block's warps splitting the reduced index, a shared-memory all-reduce across the warps: coalesced reads where
-a block per row would read one element per 32-byte sector. The phases come from RowPlan through RowDriver (as on the CPU). Values the
-plan caches between phases live in registers (a per-thread array of compile-time size, loops unrolled) when
-they fit, else in dynamic shared memory, else they are recomputed.
+a block per row would read one element per 32-byte sector. The phases come from RowPlan through RowDriver (as
+on the CPU). Values the plan caches between phases live in registers (a per-thread array of compile-time size,
+loops unrolled) when they fit, else in dynamic shared memory, else they are recomputed.
 """
 from __future__ import annotations
+
+import math
 
 from ..graph.fusion_graph import FusionGraph
 from . import ctypes_map as C
@@ -73,7 +75,7 @@ def _columns(b, domain, rdims) -> bool:
     outer = [d for d in range(len(domain)) if d not in rdims]
     if not rdims or not outer or not all(isinstance(s, int) for s in domain):
         return False
-    if product_int(domain[d] for d in outer) < 32 or product_int(domain[d] for d in rdims) < 2:
+    if math.prod(domain[d] for d in outer) < 32 or math.prod(domain[d] for d in rdims) < 2:
         return False
     reads = [op.meta for op in b.operands if op.meta is not None and op.meta.rank == len(domain)
              and all(isinstance(s, int) for s in op.meta.shape)]
@@ -82,14 +84,7 @@ def _columns(b, domain, rdims) -> bool:
     big = max(reads, key=lambda m: m.numel)
     st = big.stride
     return (st[outer[-1]] == 1 and big.shape[outer[-1]] > 1 and st[rdims[-1]] != 1
-            and big.numel >= product_int(domain))
-
-
-def product_int(sizes) -> int:
-    n = 1
-    for s in sizes:
-        n *= s
-    return n
+            and big.numel >= math.prod(domain))
 
 
 def emit_reduction(fg: FusionGraph, group) -> KernelSource:

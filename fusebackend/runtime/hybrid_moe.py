@@ -10,8 +10,8 @@ Positions are grouped by expert on the host from that copy (host_order) and sent
 expert's weighted output fills its rows of one buffer, summed per token by a single index_add. A layer whose
 experts are all resident has nothing to schedule: its experts sit in one stacked buffer and fast_path_mode picks
 the sync-free grouped matmuls over the routed rows (runtime/resident_moe.py), or, without grouped matmuls, a
-sync-free dense loop (where nearly all experts are routed anyway) or the sorted loop without the scheduler. Scheduled calls feed a
-CostCorrection (measured / predicted per side: CPU worker, link, GPU) that corrects the profile of the next
+sync-free dense loop (where nearly all experts are routed anyway) or the sorted loop without the scheduler.
+Scheduled calls feed a CostCorrection (measured / predicted per side: CPU worker, link, GPU) that corrects the profile of the next
 calls. Prefetch is offered only for experts likely enough to be routed (likely()).
 """
 from __future__ import annotations

@@ -39,17 +39,16 @@ def stacked_views(stack, ffn, hidden):
     return stack[:, :2 * n].view(E, 2 * ffn, hidden), stack[:, 2 * n:].view(E, hidden, ffn)
 
 
-def grouped_forward(stack, hidden, idx, weights, ffn, acc_dtype):
-    """hidden [T, H], idx / weights [T, k] -> [T, H] in hidden's dtype, from the stacked resident experts."""
+def grouped_forward(stack, hidden, idx, weights, ffn, acc_dtype, arange):
+    """hidden [T, H], idx / weights [T, k] -> [T, H] in hidden's dtype, from the stacked resident experts.
+    arange: the layer's cached 0..E-1 on the device (idx's dtype)."""
     E, (T, H), k = stack.shape[0], hidden.shape, idx.shape[-1]
     flat = idx.reshape(-1)
     # padding ids (outside [0, E)) sort last, past every expert's rows: no group computes them, and their
     # output rows (never written by the grouped matmul) are masked out of the sum below
-    pad = (flat < 0) | (flat >= E)
-    e_sorted, order = torch.sort(torch.where(pad, torch.full_like(flat, E), flat), stable=True)
+    e_sorted, order = torch.sort(torch.where((flat >= 0) & (flat < E), flat, E), stable=True)
     tok = torch.div(order, k, rounding_mode="floor")
-    bounds = torch.arange(E, device=flat.device, dtype=e_sorted.dtype)
-    offs = torch.searchsorted(e_sorted, bounds, right=True).to(torch.int32)   # each expert's end row
+    offs = torch.searchsorted(e_sorted, arange, right=True).to(torch.int32)   # each expert's end row
     gate_up, down = stacked_views(stack, ffn, H)
     gmm = grouped_mm_fn()
     xs = hidden.index_select(0, tok)
@@ -77,11 +76,11 @@ def dense_forward(buffers, hidden, idx, weights, ffn, acc_dtype, arange):
     return acc if acc_dtype == hidden.dtype else acc.to(hidden.dtype)
 
 
-def try_grouped(stack, hidden, idx, weights, ffn, acc_dtype):
+def try_grouped(stack, hidden, idx, weights, ffn, acc_dtype, arange):
     """grouped_forward, or None (with one warning naming the error) when this build's grouped matmul refuses
     the problem: the caller then falls back to the sorted path for good."""
     try:
-        return grouped_forward(stack, hidden, idx, weights, ffn, acc_dtype)
+        return grouped_forward(stack, hidden, idx, weights, ffn, acc_dtype, arange)
     except (RuntimeError, NotImplementedError, TypeError) as e:
         warnings.warn("fusebackend: grouped matmul over the resident experts failed (%s: %s); this layer uses "
                       "the per-expert path with one routing copy per call" % (type(e).__name__, str(e)[:200]))
@@ -115,11 +114,11 @@ class ResidentPaths:
         if fast is None:
             return None
         self._wait_loading(main, list(self._loading))
+        if self._arange is None or self._arange.device != idx.device or self._arange.dtype != idx.dtype:
+            self._arange = torch.arange(self.num_experts, device=idx.device, dtype=idx.dtype)
         if fast == "dense":
-            if self._arange is None or self._arange.device != idx.device:
-                self._arange = torch.arange(self.num_experts, device=idx.device)
             return dense_forward(self.gpu, hidden, idx, weights, self.ffn, acc_dtype, self._arange)
-        out = try_grouped(self._stack, hidden, idx, weights, self.ffn, acc_dtype)
+        out = try_grouped(self._stack, hidden, idx, weights, self.ffn, acc_dtype, self._arange)
         if out is None:
             self._stack = None                   # refused once: the per-expert paths from now on
         return out
